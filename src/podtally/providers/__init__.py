@@ -1,0 +1,1 @@
+"""Provider detection and parsers: pure functions over bytes, no I/O."""

@@ -1,0 +1,86 @@
+"""OpenAI and every OpenAI-shaped API: chat completions, legacy completions, embeddings,
+Responses. Non-streamed bodies and SSE streams share one accumulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from podtally.providers.base import as_dict, as_int
+from podtally.usage import CallUsage, Tokens
+
+
+def tokens_from_usage(usage: dict[str, Any]) -> Tokens:
+    """Both OpenAI usage shapes into disjoint buckets (contract: token buckets table)."""
+    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
+        prompt = as_int(usage.get("input_tokens"))
+        cached = as_int(as_dict(usage.get("input_tokens_details")).get("cached_tokens"))
+        completion = as_int(usage.get("output_tokens"))
+        reasoning = as_int(as_dict(usage.get("output_tokens_details")).get("reasoning_tokens"))
+    else:  # chat completions, legacy completions, embeddings
+        prompt = as_int(usage.get("prompt_tokens"))
+        cached = as_int(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens"))
+        completion = as_int(usage.get("completion_tokens"))
+        reasoning = as_int(
+            as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+        )
+    return Tokens(
+        input=prompt - cached,
+        cache_read=cached,
+        output=completion - reasoning,
+        reasoning=reasoning,
+    )
+
+
+class OpenAIAccumulator:
+    """Keeps the last value of each field: streams report running totals, never increments."""
+
+    def __init__(self) -> None:
+        self.usage = CallUsage()
+        self.saw_output = False
+
+    def on_object(self, event: str, obj: dict[str, Any]) -> None:
+        # Responses API stream events wrap the response object; its deltas carry output.
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            if kind.endswith(".delta"):
+                self.saw_output = True
+            inner = obj.get("response")
+            if isinstance(inner, dict):
+                self._take(inner)
+            return
+        self._take(obj)
+        if not self.saw_output:
+            self.saw_output = _has_output(obj)
+
+    def _take(self, obj: dict[str, Any]) -> None:
+        model = obj.get("model")
+        if isinstance(model, str) and model:
+            self.usage.model = model
+        rid = obj.get("id")
+        if isinstance(rid, str) and rid:
+            self.usage.response_id = rid
+        tier = obj.get("service_tier")
+        if isinstance(tier, str) and tier:
+            self.usage.service_tier = tier
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage.tokens = tokens_from_usage(usage)
+
+    def finish(self) -> None:
+        pass
+
+
+def _has_output(obj: dict[str, Any]) -> bool:
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        choice = as_dict(choice)
+        if choice.get("text"):  # legacy completions
+            return True
+        delta = as_dict(choice.get("delta"))
+        if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+            return True
+        if delta.get("reasoning_content") or delta.get("reasoning"):
+            return True
+    return False
