@@ -103,7 +103,7 @@ _OPENAI_OPERATIONS = (
 )
 
 
-def _operation(provider: str, path: str) -> tuple[Family, str] | None:
+def operation_for(provider: str, path: str) -> tuple[Family, str] | None:
     path = path.split("?", 1)[0].rstrip("/")
     if provider == "anthropic":
         return ("anthropic", "chat") if path.endswith("/v1/messages") else None
@@ -117,7 +117,7 @@ def detect(provider: str, method: str, path: str, body: bytes) -> CallSpec | Non
     """A request to a known LLM host → the call to meter, or None (e.g. GET /v1/models)."""
     if method.upper() != "POST":
         return None
-    found = _operation(provider, path)
+    found = operation_for(provider, path)
     if found is None:
         return None
     family, operation = found

@@ -1,0 +1,94 @@
+"""The `podtally` command line: one entry point, a subcommand per component."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from podtally import __version__
+
+
+def _fail(err: ValidationError | ValueError) -> click.ClickException:
+    return click.ClickException(str(err))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="podtally")
+def main() -> None:
+    """podtally: LLM usage metering at the pod, attributed by workload identity."""
+
+
+@main.command()
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="PEM CA certificate used to mint leaf certificates for LLM hosts.")
+@click.option("--ca-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="PEM private key of that CA.")
+@click.option("--mode", type=click.Choice(["transparent", "regular"]), default="transparent",
+              show_default=True, help="transparent (iptables redirect) or regular (explicit proxy).")
+@click.option("--port", type=int, default=15001, show_default=True, help="Proxy port.")
+@click.option("--listen-host", default="", help="Proxy listen address (default: all).")
+@click.option("--metrics-port", type=int, default=15090, show_default=True,
+              help="Port of /metrics, /healthz, /readyz.")
+@click.option("--upstream-ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Extra CAs trusted for upstream TLS (on top of the system store).")
+@click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
+              default="/etc/podinfo/labels", show_default=True,
+              help="Downward-API labels file (key=\"value\" per line).")
+@click.option("--team-label", "team_labels", multiple=True, default=("team",), show_default=True,
+              help="Pod label naming the team; repeat for a fallback order.")
+@click.option("--llm-host", "llm_hosts", multiple=True, metavar="HOST=PROVIDER",
+              help="Extra LLM endpoint to decrypt and meter (globs allowed); repeatable.")
+@click.option("--inject-stream-usage/--no-inject-stream-usage", default=True, show_default=True,
+              help="Ask OpenAI chat streams for usage, invisibly to the client.")
+@click.option("--price-overrides", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML/JSON per-model prices that win over the bundled table.")
+@click.option("--drain-timeout", type=float, default=25.0, show_default=True,
+              help="Seconds, after SIGTERM, to finish streams and await a last scrape.")
+def sidecar(**kwargs: object) -> None:
+    """Run the metering proxy (in the pod, as uid 1337)."""
+    from podtally.sidecar.run import main as run
+    from podtally.sidecar.settings import SidecarSettings
+
+    try:
+        settings = SidecarSettings.model_validate(kwargs)
+    except (ValidationError, ValueError) as err:
+        raise _fail(err) from err
+    raise SystemExit(run(settings))
+
+
+@main.command("init-iptables")
+@click.option("--proxy-uid", type=int, default=1337, show_default=True,
+              help="The sidecar's uid: its own traffic is never redirected.")
+@click.option("--proxy-port", type=int, default=15001, show_default=True)
+@click.option("--ports", default="443,80", show_default=True,
+              help="Destination TCP ports to redirect; empty for all TCP.")
+@click.option("--exclude-cidrs", default="", help="Comma-separated CIDRs never redirected.")
+@click.option("--ipv6/--no-ipv6", default=True, show_default=True,
+              help="Also redirect IPv6 (best effort where ip6tables exists).")
+@click.option("--dry-run", is_flag=True, help="Print the iptables-restore input; change nothing.")
+def init_iptables(proxy_uid: int, proxy_port: int, ports: str, exclude_cidrs: str,
+                  ipv6: bool, dry_run: bool) -> None:
+    """Redirect the pod's outbound traffic to the sidecar (idempotent; needs NET_ADMIN)."""
+    from podtally import iptables
+
+    try:
+        cfg = iptables.IptablesConfig(
+            proxy_uid=proxy_uid, proxy_port=proxy_port, ipv6=ipv6,
+            ports=iptables.parse_ports(ports), exclude_cidrs=iptables.parse_cidrs(exclude_cidrs),
+        )
+    except (ValidationError, ValueError) as err:
+        raise _fail(err) from err
+    if dry_run:
+        click.echo(iptables.build_rules(cfg), nl=False)
+        return
+    try:
+        iptables.apply(cfg)
+    except iptables.IptablesError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo("podtally: iptables redirect installed", err=True)
+
+
+if __name__ == "__main__":
+    main()

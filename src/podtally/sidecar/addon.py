@@ -1,0 +1,325 @@
+"""The mitmproxy addon: the only module that touches mitmproxy's flow objects.
+
+Per call: `request` recognises a metered LLM call (and may ask an OpenAI chat stream for
+usage), `responseheaders` streams the response through a parser chunk by chunk, and
+`response`/`error` turn what the parser learned into one UsageRecord. Every hook is
+guarded: a metering fault is counted and logged once, and the bytes go on unaltered.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from mitmproxy import http, tls
+from mitmproxy.addons.next_layer import NeedsMoreData, NextLayer
+from mitmproxy.proxy import layer, layers, mode_specs
+from mitmproxy.proxy.context import Context
+
+from podtally.pricing import PriceBook
+from podtally.providers.decoding import Decoder, decoder_for
+from podtally.providers.include_usage import UsageChunkStripper, add_include_usage
+from podtally.providers.registry import CallSpec, HostTable, detect, operation_for
+from podtally.usage import Identity, UsageRecord
+
+log = logging.getLogger("podtally.sidecar")
+
+METADATA_KEY = "podtally"
+# Plain-HTTP LLM servers (vLLM, Ollama, gateways) on any host are recognised by path.
+PLAIN_HTTP_PROVIDER = "openai_compatible"
+_REQUEST_ID_HEADERS = ("x-request-id", "request-id", "apim-request-id", "x-amzn-requestid")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Call:
+    """One metered call in flight."""
+
+    spec: CallSpec
+    host: str
+    started: float
+    usage_injected: bool = False
+    parser: Any = None
+    decode: Decoder | None = None
+    stripper: UsageChunkStripper | None = None
+    first_token_at: float | None = None
+    metering: bool = True  # False after a fault: bytes still flow, parsing stops
+    done: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class PodtallyNextLayer(NextLayer):
+    """mitmproxy's layer choice, with one rule first: in transparent mode, a plain-TCP
+    connection is only parsed as HTTP when it is an LLM call (an LLM host, or an LLM API
+    path on any host); everything else is relayed as raw TCP, untouched. TLS connections
+    are decided at ClientHello by `MeterAddon.tls_clienthello`."""
+
+    def __init__(self, hosts: HostTable) -> None:
+        super().__init__()
+        self.hosts = hosts
+
+    def _next_layer(
+        self, context: Context, data_client: bytes, data_server: bytes
+    ) -> layer.Layer | None:
+        if (
+            len(context.layers) == 1
+            and isinstance(context.client.proxy_mode, mode_specs.TransparentMode)
+            and context.client.transport_protocol == "tcp"
+            and not _starts_like_tls(data_client)
+            and not data_server
+            and not self._plain_http_llm(data_client)
+        ):
+            return layers.TCPLayer(context, ignore=True)
+        return super()._next_layer(context, data_client, data_server)
+
+    def _plain_http_llm(self, data: bytes) -> bool:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(data) < 16 * 1024 and (not data or data[:1].isalpha()):
+                raise NeedsMoreData
+            return False
+        request_line, _, headers = data[:head_end].partition(b"\r\n")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return False
+        host = ""
+        for line in headers.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"host":
+                host = value.strip().decode("latin-1").rsplit(":", 1)[0]
+        provider = self.hosts.provider_for(host) or PLAIN_HTTP_PROVIDER
+        return operation_for(provider, parts[1].decode("latin-1")) is not None
+
+
+def _starts_like_tls(data: bytes) -> bool:
+    return len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03
+
+
+class MeterAddon:
+    def __init__(
+        self,
+        *,
+        hosts: HostTable,
+        identity: Identity,
+        prices: PriceBook,
+        sink: Callable[[UsageRecord], None],
+        on_fault: Callable[[str], None],
+        inject_stream_usage: bool = True,
+    ) -> None:
+        self.hosts = hosts
+        self.identity = identity
+        self.prices = prices
+        self.sink = sink
+        self.on_fault = on_fault
+        self.inject_stream_usage = inject_stream_usage
+        self.in_flight = 0
+        self.ready = False
+        self._logged: set[tuple[str, str]] = set()
+
+    # -- guard ---------------------------------------------------------------------------
+
+    def _fault(self, stage: str, exc: BaseException) -> None:
+        self.on_fault(stage)
+        key = (stage, type(exc).__name__)
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        # The exception's message may quote traffic; only its type and frames are logged.
+        frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3)).rstrip()
+        log.error("metering fault in %s: %s (traffic unaffected; logged once)\n%s",
+                  stage, type(exc).__name__, frames)
+
+    @staticmethod
+    def _guarded(stage: str) -> Callable[[F], F]:
+        def wrap(fn: F) -> F:
+            @functools.wraps(fn)
+            def hook(self: MeterAddon, *args: Any) -> None:
+                try:
+                    fn(self, *args)
+                except Exception as exc:  # noqa: BLE001 - the boundary: never into the proxy
+                    self._fault(stage, exc)
+            return hook  # type: ignore[return-value]
+        return wrap
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def running(self) -> None:
+        self.ready = True
+
+    @_guarded("tls_clienthello")
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if self.hosts.provider_for(data.client_hello.sni) is None:
+            data.ignore_connection = True  # not an LLM endpoint: relayed, never decrypted
+
+    @_guarded("requestheaders")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        if self._provider(flow) is None or operation_for(self._provider(flow) or "", req.path) is None:
+            req.stream = True  # not a metered call: never buffered
+
+    @_guarded("request")
+    def request(self, flow: http.HTTPFlow) -> None:
+        provider = self._provider(flow)
+        if provider is None or flow.request.stream:
+            return
+        req = flow.request
+        body = req.raw_content or b""
+        encoded = "content-encoding" in req.headers
+        spec = detect(provider, req.method, req.path, b"" if encoded else body)
+        if spec is None:
+            return
+        call = Call(spec=spec, host=self._host(flow) or "", started=req.timestamp_start)
+        if spec.usage_opt_in_missing and self.inject_stream_usage and not encoded:
+            new_body = add_include_usage(body)
+            if new_body is not None:
+                req.raw_content = new_body
+                req.headers["content-length"] = str(len(new_body))
+                # The extra usage chunk is removed from the SSE text; that needs it plain.
+                req.headers.pop("accept-encoding", None)
+                call.usage_injected = True
+        flow.metadata[METADATA_KEY] = call
+        self.in_flight += 1
+
+    @_guarded("responseheaders")
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(METADATA_KEY)
+        resp = flow.response
+        assert resp is not None
+        if call is None:
+            resp.stream = True
+            return
+        ctype = resp.headers.get("content-type", "")
+        call.parser = call.spec.parser(ctype)
+        call.decode = decoder_for(resp.headers.get("content-encoding", ""))
+        if call.decode is None:
+            call.errors.append("unsupported content-encoding")
+            call.metering = False
+        if call.usage_injected and call.parser.streaming and call.decode is not None:
+            call.stripper = UsageChunkStripper()
+        resp.stream = functools.partial(self._on_chunk, call)
+
+    def _on_chunk(self, call: Call, data: bytes) -> bytes | list[bytes]:
+        """Called by mitmproxy for every response chunk, and with b"" at the end."""
+        out = data
+        if call.metering:
+            try:
+                if data and call.decode is not None:
+                    call.parser.feed(call.decode(data))
+                    if call.first_token_at is None and call.parser.saw_output:
+                        call.first_token_at = time.time()
+            except Exception as exc:  # noqa: BLE001
+                call.metering = False
+                self._fault("parse", exc)
+        if call.stripper is not None:
+            try:
+                out = call.stripper.feed(data) if data else call.stripper.flush()
+            except Exception as exc:  # noqa: BLE001
+                held, call.stripper = call.stripper.flush(), None
+                self._fault("strip", exc)
+                out = held + data
+        return out
+
+    @_guarded("response")
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, complete=True)
+
+    @_guarded("error")
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, complete=False)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _host(self, flow: http.HTTPFlow) -> str | None:
+        return flow.client_conn.sni or flow.request.host_header or flow.request.host
+
+    def _provider(self, flow: http.HTTPFlow) -> str | None:
+        host = self._host(flow)
+        if host:
+            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        provider = self.hosts.provider_for(host)
+        if provider is None and flow.request.scheme == "http":
+            provider = PLAIN_HTTP_PROVIDER
+        return provider
+
+    def _finish(self, flow: http.HTTPFlow, *, complete: bool) -> None:
+        call: Call | None = flow.metadata.get(METADATA_KEY)
+        if call is None or call.done:
+            return
+        call.done = True
+        self.in_flight -= 1
+        try:
+            self.sink(self._record(flow, call, complete=complete))
+        except Exception as exc:  # noqa: BLE001
+            self._fault("record", exc)
+
+    def _record(self, flow: http.HTTPFlow, call: Call, *, complete: bool) -> UsageRecord:
+        now = time.time()
+        resp = flow.response
+        usage = None
+        if call.parser is not None and call.metering:
+            usage = call.parser.finish(complete=complete and flow.error is None)
+        tokens = usage.tokens if usage else None
+        model = (usage.model if usage else None) or call.spec.request_model or "unknown"
+        tier = usage.service_tier if usage else None
+        started = datetime.fromtimestamp(call.started, UTC)
+        price = (
+            self.prices.price(call.spec.provider, model, tokens.as_dict(), tier, started)
+            if tokens is not None else None
+        )
+        error = None
+        if flow.error is not None:
+            error = "client disconnected" if flow.error.msg.startswith("Client") else "upstream error"
+        elif usage is not None and usage.parse_error:
+            error = usage.parse_error
+        elif call.errors:
+            error = "; ".join(call.errors)
+        ident = self.identity
+        streamed = bool(call.parser is not None and call.parser.streaming)
+        return UsageRecord(
+            timestamp=started.isoformat(),
+            namespace=ident.namespace,
+            pod=ident.pod,
+            workload=ident.workload,
+            team=ident.team,
+            app=ident.app,
+            service_account=ident.service_account,
+            provider=call.spec.provider,
+            host=call.host,
+            operation=call.spec.operation,
+            model=model,
+            request_model=call.spec.request_model,
+            streamed=streamed,
+            status=str(resp.status_code) if resp is not None else "error",
+            service_tier=tier,
+            tokens=tokens,
+            tokens_total=tokens.total if tokens else 0,
+            tokens_estimated=bool(usage and usage.estimated),
+            cost_usd=price.cost_usd if price else 0.0,
+            priced=bool(price and price.priced),
+            price_tier=price.applied_tier if price else None,
+            duration_seconds=max(0.0, now - call.started),
+            time_to_first_token_seconds=(
+                call.first_token_at - call.started if streamed and call.first_token_at else None
+            ),
+            request_id=_request_id(resp),
+            response_id=usage.response_id if usage else None,
+            usage_injected=call.usage_injected,
+            error=error,
+        )
+
+
+def _request_id(resp: http.Response | None) -> str | None:
+    if resp is None:
+        return None
+    for name in _REQUEST_ID_HEADERS:
+        value = resp.headers.get(name)
+        if value:
+            return value[:128]
+    return None

@@ -1,0 +1,191 @@
+"""Runs the sidecar: mitmproxy with podtally's addons, the metrics server, and the drain.
+
+Shutdown contract (short-lived pods lose nothing): on SIGTERM the proxy keeps serving, in-
+flight calls finish, and the process exits once every counted call has been scraped by
+Prometheus at least once — or when `drain_timeout` runs out, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO
+
+import certifi
+from mitmproxy import options
+from mitmproxy.addons import core, errorcheck, proxyserver, tlsconfig
+from mitmproxy.master import Master
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from podtally.certs import write_mitmproxy_confdir
+from podtally.identity import identity_from, read_labels
+from podtally.metrics import Meters
+from podtally.pricing import PriceBook
+from podtally.sidecar.addon import MeterAddon, PodtallyNextLayer
+from podtally.sidecar.settings import SidecarSettings
+from podtally.usage import UsageRecord
+
+log = logging.getLogger("podtally.sidecar")
+
+
+class MetricsServer:
+    """/metrics, /healthz, /readyz on a thread of its own: a busy proxy never delays a scrape."""
+
+    def __init__(self, host: str, port: int, meters: Meters, ready: Callable[[], bool]) -> None:
+        meters_, ready_ = meters, ready
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, meters_.scrape(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n")
+                elif path == "/readyz":
+                    ok = ready_()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def trust_bundle(settings: SidecarSettings, into: Path) -> Path:
+    """System CAs plus --upstream-ca-bundle, as one file for upstream TLS verification."""
+    system = settings.system_ca_bundle if settings.system_ca_bundle.exists() else Path(certifi.where())
+    parts = [system.read_bytes()]
+    if settings.upstream_ca_bundle is not None:
+        parts.append(settings.upstream_ca_bundle.read_bytes())
+    bundle = into / "upstream-trust.pem"
+    bundle.write_bytes(b"\n".join(parts))
+    return bundle
+
+
+class JsonLines:
+    """One JSON usage record per line on stdout (the pod's log stream)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+
+    def write(self, rec: UsageRecord) -> None:
+        line = rec.model_dump_json() + "\n"
+        with self.lock:
+            self.out.write(line)
+            self.out.flush()
+
+
+async def serve(settings: SidecarSettings, *, out: IO[str] = sys.stdout) -> int:
+    identity = identity_from(os.environ, read_labels(settings.labels_file), settings.team_labels)
+    meters = Meters(CollectorRegistry(), zero_first=settings.zero_first)
+    prices = PriceBook(overrides_path=settings.price_overrides)
+    records = JsonLines(out)
+
+    def sink(rec: UsageRecord) -> None:
+        meters.observe(rec)
+        records.write(rec)
+
+    hosts = settings.host_table()
+    meter = MeterAddon(
+        hosts=hosts,
+        identity=identity,
+        prices=prices,
+        sink=sink,
+        on_fault=lambda stage: meters.faults.labels(stage).inc(),
+        inject_stream_usage=settings.inject_stream_usage,
+    )
+    confdir = Path(tempfile.mkdtemp(prefix="podtally-"))
+    write_mitmproxy_confdir(
+        settings.ca_cert.read_bytes(), settings.ca_key.read_bytes(), confdir
+    )
+    opts = options.Options(
+        mode=[f"{settings.mode}@{settings.port}"],
+        listen_host=settings.listen_host,
+        confdir=str(confdir),
+        ssl_verify_upstream_trusted_ca=str(trust_bundle(settings, confdir)),
+    )
+    master = Master(opts, with_termlog=False)
+    # A curated addon chain: only what proxying needs; our layer choice precedes the default.
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        PodtallyNextLayer(hosts),
+        tlsconfig.TlsConfig(),
+        meter,
+        errorcheck.ErrorCheck(),
+    )
+    opts.update(connection_strategy="lazy")
+
+    draining = asyncio.Event()
+    metrics = MetricsServer(
+        settings.metrics_host, settings.metrics_port, meters,
+        ready=lambda: meter.ready and not draining.is_set(),
+    )
+    metrics.start()
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        deadline = time.monotonic() + settings.drain_timeout
+        log.info("SIGTERM: draining (%d in flight)", meter.in_flight)
+        while time.monotonic() < deadline:
+            if meter.in_flight == 0 and meters.everything_scraped():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("drain timeout: %d in flight, %d calls not yet scraped",
+                        meter.in_flight, meters.pending)
+        master.shutdown()
+
+    def on_signal() -> None:
+        if not draining.is_set():
+            draining.set()
+            loop.create_task(drain())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    log.info("podtally sidecar: %s proxy on :%d, metrics on :%d, pod %s/%s",
+             settings.mode, settings.port, settings.metrics_port,
+             identity.namespace, identity.pod)
+    try:
+        await master.run()
+    finally:
+        metrics.stop()
+    return 0
+
+
+def main(settings: SidecarSettings) -> int:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    return asyncio.run(serve(settings))
