@@ -155,7 +155,11 @@ class MeterAddon:
 
     @_guarded("tls_clienthello")
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if self.hosts.provider_for(data.client_hello.sni) is None:
+        # By SNI; without one (an IP literal), by the destination: the CONNECT target in
+        # regular mode, the original destination address in transparent mode.
+        server = data.context.server.address
+        target = data.client_hello.sni or (str(server[0]) if server else None)
+        if self.hosts.provider_for(target) is None:
             data.ignore_connection = True  # not an LLM endpoint: relayed, never decrypted
 
     @_guarded("requestheaders")
@@ -224,7 +228,8 @@ class MeterAddon:
                 held, call.stripper = call.stripper.flush(), None
                 self._fault("strip", exc)
                 out = held + data
-        return out
+        # An empty chunk would be sent as HTTP/1.1's terminating zero-length chunk.
+        return out if out else []
 
     @_guarded("response")
     def response(self, flow: http.HTTPFlow) -> None:
