@@ -20,18 +20,20 @@ def main() -> None:
     """podtally: LLM usage metering at the pod, attributed by workload identity."""
 
 
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @main.command()
-@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+@click.option("--ca-cert", type=_FILE, required=True,
               help="PEM CA certificate used to mint leaf certificates for LLM hosts.")
-@click.option("--ca-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="PEM private key of that CA.")
+@click.option("--ca-key", type=_FILE, required=True, help="PEM private key of that CA.")
 @click.option("--mode", type=click.Choice(["transparent", "regular"]), default="transparent",
-              show_default=True, help="transparent (iptables redirect) or regular (explicit proxy).")
+              show_default=True, help="transparent (iptables redirect) or regular (proxy).")
 @click.option("--port", type=int, default=15001, show_default=True, help="Proxy port.")
 @click.option("--listen-host", default="", help="Proxy listen address (default: all).")
 @click.option("--metrics-port", type=int, default=15090, show_default=True,
               help="Port of /metrics, /healthz, /readyz.")
-@click.option("--upstream-ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--upstream-ca-bundle", type=_FILE,
               help="Extra CAs trusted for upstream TLS (on top of the system store).")
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
               default="/etc/podinfo/labels", show_default=True,
@@ -42,7 +44,7 @@ def main() -> None:
               help="Extra LLM endpoint to decrypt and meter (globs allowed); repeatable.")
 @click.option("--inject-stream-usage/--no-inject-stream-usage", default=True, show_default=True,
               help="Ask OpenAI chat streams for usage, invisibly to the client.")
-@click.option("--price-overrides", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--price-overrides", type=_FILE,
               help="YAML/JSON per-model prices that win over the bundled table.")
 @click.option("--drain-timeout", type=float, default=25.0, show_default=True,
               help="Seconds, after SIGTERM, to finish streams and await a last scrape.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 
-import brotli  # type: ignore[import-untyped]
+import brotli
 import zstandard
 
 Decoder = Callable[[bytes], bytes]
@@ -28,7 +28,7 @@ def decoder_for(content_encoding: str) -> Decoder | None:
     if coding == "br":
         return brotli.Decompressor().process  # type: ignore[no-any-return]
     if coding == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress  # type: ignore[no-any-return]
+        return zstandard.ZstdDecompressor().decompressobj().decompress
     return None
 
 
@@ -48,7 +48,8 @@ class _Deflate:
             self._head += data
             if len(self._head) < 2:
                 return b""
-            zlib_wrapped = (self._head[0] & 0x0F) == 8 and int.from_bytes(self._head[:2], "big") % 31 == 0
+            cmf_flg = int.from_bytes(self._head[:2], "big")
+            zlib_wrapped = (self._head[0] & 0x0F) == 8 and cmf_flg % 31 == 0
             self._obj = zlib.decompressobj(zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS)
             data, self._head = self._head, b""
         return self._obj.decompress(data)

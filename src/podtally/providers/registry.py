@@ -48,8 +48,8 @@ class HostTable:
 
     def __init__(self, extra: Iterable[tuple[str, str]] = ()) -> None:
         entries = list(extra) + list(BUILTIN_HOSTS)  # configuration wins over built-ins
-        self._exact = {}
-        self._globs = []
+        self._exact: dict[str, str] = {}
+        self._globs: list[tuple[str, str]] = []
         for pattern, provider in entries:
             pattern = pattern.lower().rstrip(".")
             if any(c in pattern for c in "*?["):

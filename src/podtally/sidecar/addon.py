@@ -164,9 +164,9 @@ class MeterAddon:
 
     @_guarded("requestheaders")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        req = flow.request
-        if self._provider(flow) is None or operation_for(self._provider(flow) or "", req.path) is None:
-            req.stream = True  # not a metered call: never buffered
+        provider = self._provider(flow)
+        if provider is None or operation_for(provider, flow.request.path) is None:
+            flow.request.stream = True  # not a metered call: never buffered
 
     @_guarded("request")
     def request(self, flow: http.HTTPFlow) -> None:
@@ -242,7 +242,8 @@ class MeterAddon:
     # -- helpers ---------------------------------------------------------------------------
 
     def _host(self, flow: http.HTTPFlow) -> str | None:
-        return flow.client_conn.sni or flow.request.host_header or flow.request.host
+        host: str | None = flow.client_conn.sni or flow.request.host_header or flow.request.host
+        return host
 
     def _provider(self, flow: http.HTTPFlow) -> str | None:
         host = self._host(flow)
@@ -280,7 +281,8 @@ class MeterAddon:
         )
         error = None
         if flow.error is not None:
-            error = "client disconnected" if flow.error.msg.startswith("Client") else "upstream error"
+            by_client = flow.error.msg.startswith("Client")
+            error = "client disconnected" if by_client else "upstream error"
         elif usage is not None and usage.parse_error:
             error = usage.parse_error
         elif call.errors:
@@ -324,7 +326,7 @@ def _request_id(resp: http.Response | None) -> str | None:
     if resp is None:
         return None
     for name in _REQUEST_ID_HEADERS:
-        value = resp.headers.get(name)
+        value: str | None = resp.headers.get(name)
         if value:
             return value[:128]
     return None

@@ -81,7 +81,9 @@ class MetricsServer:
 
 def trust_bundle(settings: SidecarSettings, into: Path) -> Path:
     """System CAs plus --upstream-ca-bundle, as one file for upstream TLS verification."""
-    system = settings.system_ca_bundle if settings.system_ca_bundle.exists() else Path(certifi.where())
+    system = settings.system_ca_bundle
+    if not system.exists():
+        system = Path(certifi.where())
     parts = [system.read_bytes()]
     if settings.upstream_ca_bundle is not None:
         parts.append(settings.upstream_ca_bundle.read_bytes())
