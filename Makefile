@@ -38,7 +38,7 @@ test: venv system-deps lint
 	$(BIN)/python -m pytest
 
 demo: venv
-	$(BIN)/python -m podtally.demo
+	$(BIN)/python demo/run_demo.py
 
 bench: venv
 	$(BIN)/python bench/bench_sidecar.py
