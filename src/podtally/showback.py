@@ -66,9 +66,11 @@ def render_table(rows: Sequence[Row], by: Sequence[str]) -> str:
     numeric = len(by)
 
     def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i >= numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
+        padded = (
+            c.rjust(w) if i >= numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "  ".join(padded).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *(fmt(b) for b in body[:-1]), rule, fmt(body[-1])])

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mitmproxy import http, tls
@@ -132,8 +133,11 @@ class MeterAddon:
             return
         self._logged.add(key)
         # The exception's message may quote traffic; only its type and frames are logged.
-        frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3)).rstrip()
-        log.error("metering fault in %s: %s (traffic unaffected; logged once)\n%s",
+        frames = " <- ".join(
+            f"{Path(fr.filename).name}:{fr.lineno} {fr.name}"
+            for fr in reversed(traceback.extract_tb(exc.__traceback__, limit=-4))
+        )
+        log.error("metering fault in %s: %s at %s (traffic unaffected; logged once)",
                   stage, type(exc).__name__, frames)
 
     @staticmethod
