@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from podtally.providers.base import as_dict, as_int
-from podtally.usage import CallUsage, Tokens
+from podtally.providers.base import BaseAccumulator, as_dict, as_int
+from podtally.usage import Tokens
 
 _FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
            "output_tokens")
@@ -20,14 +20,13 @@ def tokens_from_fields(fields: dict[str, int]) -> Tokens:
     )
 
 
-class AnthropicAccumulator:
+class AnthropicAccumulator(BaseAccumulator):
     """Per field, the last reported value wins (message_delta over message_start); where
     `usage.iterations[]` is present (server-side compaction, tool loops) the iterations
     are what is billed, so their sum replaces the top-level counts."""
 
     def __init__(self) -> None:
-        self.usage = CallUsage()
-        self.saw_output = False
+        super().__init__()
         self._fields: dict[str, int] = {}
         self._iterations: Tokens | None = None
 
@@ -73,6 +72,3 @@ class AnthropicAccumulator:
                     sums[name] += as_int(item.get(name))
             self._iterations = tokens_from_fields(sums)
         self.usage.tokens = self._iterations or tokens_from_fields(self._fields)
-
-    def finish(self) -> None:
-        pass

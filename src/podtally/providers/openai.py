@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from podtally.providers.base import as_dict, as_int
-from podtally.usage import CallUsage, Tokens
+from podtally.providers.base import BaseAccumulator, as_dict, as_int
+from podtally.usage import Tokens
 
 
 def tokens_from_usage(usage: dict[str, Any]) -> Tokens:
-    """Both OpenAI usage shapes into disjoint buckets (contract: token buckets table)."""
+    """OpenAI usage shapes into disjoint buckets (contract: token buckets table)."""
+    if "prompt_cache_hit_tokens" in usage or "prompt_cache_miss_tokens" in usage:  # DeepSeek
+        completion = as_int(usage.get("completion_tokens"))
+        details = as_dict(usage.get("completion_tokens_details"))
+        reasoning = as_int(details.get("reasoning_tokens") or usage.get("reasoning_tokens"))
+        return Tokens(
+            input=as_int(usage.get("prompt_cache_miss_tokens")),
+            cache_read=as_int(usage.get("prompt_cache_hit_tokens")),
+            output=completion - reasoning,
+            reasoning=reasoning,
+        )
     if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
         prompt = as_int(usage.get("input_tokens"))
         cached = as_int(as_dict(usage.get("input_tokens_details")).get("cached_tokens"))
@@ -31,12 +41,13 @@ def tokens_from_usage(usage: dict[str, Any]) -> Tokens:
     )
 
 
-class OpenAIAccumulator:
-    """Keeps the last value of each field: streams report running totals, never increments."""
+class OpenAIAccumulator(BaseAccumulator):
+    """Keeps the last value of each field: streams report running totals, never increments.
 
-    def __init__(self) -> None:
-        self.usage = CallUsage()
-        self.saw_output = False
+    Covers the OpenAI-shaped APIs too: Azure (whose first stream chunk has an empty model
+    and only content-filter results), Groq (usage under `x_groq` in its last chunk), xAI
+    (usage in a chunk before the last), DeepSeek (cache hit/miss counts), Mistral, vLLM.
+    """
 
     def on_object(self, event: str, obj: dict[str, Any]) -> None:
         # Responses API stream events wrap the response object; its deltas carry output.
@@ -63,11 +74,10 @@ class OpenAIAccumulator:
         if isinstance(tier, str) and tier:
             self.usage.service_tier = tier
         usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            usage = as_dict(obj.get("x_groq")).get("usage")
         if isinstance(usage, dict):
             self.usage.tokens = tokens_from_usage(usage)
-
-    def finish(self) -> None:
-        pass
 
 
 def _has_output(obj: dict[str, Any]) -> bool:

@@ -2,22 +2,31 @@
 
 Two questions, both pure: `HostTable.provider_for(host)` decides at TLS ClientHello time
 whether a connection is decrypted at all; `detect(...)` decides, per HTTP request, whether
-it is a metered LLM call and how to read its response.
+it is a metered LLM call, of which operation and model, and how to read its response.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from podtally.providers.anthropic import AnthropicAccumulator
 from podtally.providers.base import Accumulator, ResponseParser
+from podtally.providers.bedrock import ConverseAccumulator, InvokeAccumulator
+from podtally.providers.cohere import CohereAccumulator
+from podtally.providers.gemini import GeminiAccumulator, GeminiEmbeddingAccumulator
+from podtally.providers.ollama import OllamaAccumulator
 from podtally.providers.openai import OpenAIAccumulator
 
-Family = Literal["openai", "anthropic"]
+Family = Literal[
+    "openai", "anthropic", "gemini", "gemini_embed", "bedrock_converse", "bedrock_invoke",
+    "cohere", "ollama",
+]
 
 # Built-in LLM endpoints (exact names or fnmatch globs) → OpenTelemetry provider name.
 BUILTIN_HOSTS: tuple[tuple[str, str], ...] = (
@@ -39,8 +48,14 @@ BUILTIN_HOSTS: tuple[tuple[str, str], ...] = (
     ("api.cohere.ai", "cohere"),
 )
 
-# Providers whose chat streams carry usage only when asked (stream_options.include_usage).
-_USAGE_OPT_IN = frozenset({"openai", "openai_compatible", "azure.ai.openai"})
+# Providers whose chat streams carry usage only when asked (stream_options.include_usage)
+# and that accept the option. (Mistral, xAI and Groq report usage unasked.)
+_USAGE_OPT_IN = frozenset({"openai", "openai_compatible", "azure.ai.openai", "deepseek",
+                           "ollama"})
+# Azure rejects stream_options before this api-version ("Unrecognized request argument").
+_AZURE_STREAM_OPTIONS_SINCE = "2024-09-01"
+_API_VERSION = re.compile(r"[?&]api-version=([0-9-]+)")
+OLLAMA_PORT = 11434
 
 
 class HostTable:
@@ -86,60 +101,154 @@ class CallSpec:
     request_model: str | None
     stream: bool
     # An OpenAI-shaped chat stream that did not ask for usage: the sidecar may ask for it.
-    usage_opt_in_missing: bool
+    usage_opt_in_missing: bool = False
 
-    def parser(self, content_type: str) -> ResponseParser:
-        acc: Accumulator = (
-            AnthropicAccumulator() if self.family == "anthropic" else OpenAIAccumulator()
-        )
-        return ResponseParser(acc, content_type=content_type)
+    def parser(
+        self, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> ResponseParser:
+        return ResponseParser(_ACCUMULATORS[self.family](self), content_type=content_type,
+                              headers=headers)
 
 
-_OPENAI_OPERATIONS = (
+_ACCUMULATORS: dict[str, Callable[[CallSpec], Accumulator]] = {
+    "openai": lambda spec: OpenAIAccumulator(),
+    "anthropic": lambda spec: AnthropicAccumulator(),
+    "gemini": lambda spec: GeminiAccumulator(),
+    "gemini_embed": lambda spec: GeminiEmbeddingAccumulator(),
+    "bedrock_converse": lambda spec: ConverseAccumulator(),
+    "bedrock_invoke": lambda spec: InvokeAccumulator(spec.request_model or ""),
+    "cohere": lambda spec: CohereAccumulator(),
+    "ollama": lambda spec: OllamaAccumulator(),
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request path says: family, operation, model in the path, stream by path."""
+
+    family: Family
+    operation: str
+    path_model: str | None = None
+    stream: bool | None = None  # None: the request body's "stream" decides
+
+
+_OPENAI_SUFFIXES = (
     ("/chat/completions", "chat"),
     ("/completions", "text_completion"),
     ("/embeddings", "embeddings"),
     ("/responses", "chat"),
 )
+_AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
+# Gemini API and Vertex: .../models/{model}:{method}
+_GOOGLE_MODEL = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
+_GEMINI_METHODS: dict[str, tuple[Family, str, bool]] = {
+    "generateContent": ("gemini", "generate_content", False),
+    "streamGenerateContent": ("gemini", "generate_content", True),
+    "embedContent": ("gemini_embed", "embeddings", False),
+    "batchEmbedContents": ("gemini_embed", "embeddings", False),
+}
+_BEDROCK = re.compile(
+    r"^/model/(.+)/(converse|converse-stream|invoke|invoke-with-response-stream)$"
+)
+_OLLAMA_NATIVE = {"/api/chat": "chat", "/api/generate": "text_completion",
+                  "/api/embed": "embeddings", "/api/embeddings": "embeddings"}
 
 
-def operation_for(provider: str, path: str) -> tuple[Family, str] | None:
+def _openai_route(path: str) -> Route | None:
+    for suffix, operation in _OPENAI_SUFFIXES:
+        if path.endswith(suffix):
+            m = _AZURE_DEPLOYMENT.search(path)
+            return Route("openai", operation, m.group(1) if m else None)
+    return None
+
+
+def route_for(provider: str, path: str) -> Route | None:
+    """The route of a request path for a provider, or None if it is not a metered call."""
     path = path.split("?", 1)[0].rstrip("/")
     if provider == "anthropic":
-        return ("anthropic", "chat") if path.endswith("/v1/messages") else None
-    for suffix, operation in _OPENAI_OPERATIONS:
-        if path.endswith(suffix):
-            return "openai", operation
-    return None
+        return Route("anthropic", "chat") if path.endswith("/v1/messages") else None
+    if provider in ("gcp.gemini", "gcp.vertex_ai"):
+        m = _GOOGLE_MODEL.search(path)
+        if m:
+            model, method = m.group(1), m.group(2)
+            if "/publishers/anthropic/" in path and method in ("rawPredict", "streamRawPredict"):
+                return Route("anthropic", "chat", unquote(model), method == "streamRawPredict")
+            if method in _GEMINI_METHODS:
+                family, operation, stream = _GEMINI_METHODS[method]
+                return Route(family, operation, unquote(model), stream)
+            return None
+        return _openai_route(path)  # Gemini's and Vertex's OpenAI-compatible endpoints
+    if provider == "aws.bedrock":
+        m = _BEDROCK.match(path)
+        if not m:
+            return None
+        model, api = unquote(m.group(1)), m.group(2)
+        kind: Family = "bedrock_converse" if api.startswith("converse") else "bedrock_invoke"
+        return Route(kind, "chat", model, api.endswith("stream"))
+    if provider == "cohere":
+        if path.endswith(("/v2/chat", "/v1/chat")):
+            return Route("cohere", "chat")
+        if path.endswith(("/v2/embed", "/v1/embed")):
+            return Route("cohere", "embeddings", stream=False)
+        return _openai_route(path) if "/compatibility/" in path else None
+    if path in _OLLAMA_NATIVE:
+        return Route("ollama", _OLLAMA_NATIVE[path])
+    return _openai_route(path)
+
+
+def provider_for_plain_http(host: str, port: int | None, path: str) -> str:
+    """The provider of a plain-HTTP LLM call to a host not in the table (vLLM, Ollama…)."""
+    if path.split("?", 1)[0].rstrip("/") in _OLLAMA_NATIVE or port == OLLAMA_PORT:
+        return "ollama"
+    return "openai_compatible"
+
+
+def operation_for(provider: str, path: str) -> str | None:
+    route = route_for(provider, path)
+    return route.operation if route else None
 
 
 def detect(provider: str, method: str, path: str, body: bytes) -> CallSpec | None:
     """A request to a known LLM host → the call to meter, or None (e.g. GET /v1/models)."""
     if method.upper() != "POST":
         return None
-    found = operation_for(provider, path)
-    if found is None:
+    route = route_for(provider, path)
+    if route is None:
         return None
-    family, operation = found
     req = _json_object(body)
     model = req.get("model")
-    stream = req.get("stream") is True
+    body_model = model if isinstance(model, str) and model else None
+    if route.stream is not None:
+        stream = route.stream
+    elif route.family == "ollama":
+        stream = req.get("stream") is not False  # Ollama streams unless told not to
+    else:
+        stream = req.get("stream") is True
     opts = req.get("stream_options")
     asked = isinstance(opts, dict) and opts.get("include_usage") is True
     return CallSpec(
         provider=provider,
-        family=family,
-        operation=operation,
-        request_model=model if isinstance(model, str) and model else None,
+        family=route.family,
+        operation=route.operation,
+        request_model=route.path_model or body_model,
         stream=stream,
         usage_opt_in_missing=(
             stream
             and not asked
+            and route.family == "openai"
             and provider in _USAGE_OPT_IN
-            and operation in ("chat", "text_completion")
+            and route.operation in ("chat", "text_completion")
             and not path.split("?", 1)[0].rstrip("/").endswith("/responses")
+            and (provider != "azure.ai.openai" or _azure_accepts_stream_options(path))
         ),
     )
+
+
+def _azure_accepts_stream_options(path: str) -> bool:
+    if "/openai/v1/" in path:
+        return True
+    m = _API_VERSION.search(path)
+    return m is not None and m.group(1) >= _AZURE_STREAM_OPTIONS_SINCE
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -26,14 +26,18 @@ from mitmproxy.proxy.context import Context
 from podtally.pricing import PriceBook
 from podtally.providers.decoding import Decoder, decoder_for
 from podtally.providers.include_usage import UsageChunkStripper, add_include_usage
-from podtally.providers.registry import CallSpec, HostTable, detect, operation_for
+from podtally.providers.registry import (
+    CallSpec,
+    HostTable,
+    detect,
+    operation_for,
+    provider_for_plain_http,
+)
 from podtally.usage import Identity, UsageRecord
 
 log = logging.getLogger("podtally.sidecar")
 
 METADATA_KEY = "podtally"
-# Plain-HTTP LLM servers (vLLM, Ollama, gateways) on any host are recognised by path.
-PLAIN_HTTP_PROVIDER = "openai_compatible"
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "apim-request-id", "x-amzn-requestid")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,8 +99,9 @@ class PodtallyNextLayer(NextLayer):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"host":
                 host = value.strip().decode("latin-1").rsplit(":", 1)[0]
-        provider = self.hosts.provider_for(host) or PLAIN_HTTP_PROVIDER
-        return operation_for(provider, parts[1].decode("latin-1")) is not None
+        path = parts[1].decode("latin-1")
+        provider = self.hosts.provider_for(host) or provider_for_plain_http(host, None, path)
+        return operation_for(provider, path) is not None
 
 
 def _starts_like_tls(data: bytes) -> bool:
@@ -204,7 +209,8 @@ class MeterAddon:
             resp.stream = True
             return
         ctype = resp.headers.get("content-type", "")
-        call.parser = call.spec.parser(ctype)
+        headers = {k.lower(): v for k, v in resp.headers.items()}  # type: ignore[no-untyped-call]
+        call.parser = call.spec.parser(ctype, headers)
         call.decode = decoder_for(resp.headers.get("content-encoding", ""))
         if call.decode is None:
             call.errors.append("unsupported content-encoding")
@@ -255,7 +261,7 @@ class MeterAddon:
             host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
         provider = self.hosts.provider_for(host)
         if provider is None and flow.request.scheme == "http":
-            provider = PLAIN_HTTP_PROVIDER
+            provider = provider_for_plain_http(host or "", flow.request.port, flow.request.path)
         return provider
 
     def _finish(self, flow: http.HTTPFlow, *, complete: bool) -> None:
