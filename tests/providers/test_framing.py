@@ -1,0 +1,109 @@
+"""The framers on their edge cases, fed in every split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support.eventstream import event, exception, invoke_chunk
+
+from podtally.providers.framing import (
+    EventStreamFramer,
+    Framer,
+    JSONFramer,
+    NDJSONFramer,
+    framer_for,
+)
+
+
+def run(framer: Framer, data: bytes, step: int) -> list[tuple[str, dict]]:
+    out = []
+    for i in range(0, len(data), step):
+        out.extend(framer.feed(data[i : i + step]))
+    out.extend(framer.close())
+    return out
+
+
+STEPS = [1, 2, 7, 64, 1_000_000]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_json_array_streamed_element_by_element(step: int) -> None:
+    elems = [{"a": 1, "s": "x}]\\\"{["}, {"b": [1, {"c": 2}]}, {"usageMetadata": {"promptTokenCount": 3}}]
+    data = b"[" + b",\r\n".join(json.dumps(e).encode() for e in elems) + b"]"
+    framer = JSONFramer()
+    assert run(framer, data, step) == [("", e) for e in elems]
+    assert framer.bad == 0 and framer.error is None
+
+
+def test_json_array_yields_before_the_array_ends() -> None:
+    framer = JSONFramer()
+    assert list(framer.feed(b'[{"a": 1},')) == [("", {"a": 1})]
+    assert list(framer.feed(b' {"b"')) == []
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_json_object_body(step: int) -> None:
+    data = b'  {"usage": {"prompt_tokens": 5}, "text": "[{not an array"}'
+    assert run(JSONFramer(), data, step) == [("", json.loads(data))]
+
+
+def test_json_malformed_is_counted_not_raised() -> None:
+    framer = JSONFramer()
+    assert run(framer, b'{"a": 1', 3) == []
+    assert framer.bad == 1
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_ndjson(step: int) -> None:
+    data = b'{"a":1}\n\n{"b":2}\r\nnot json\n{"c":3}'
+    framer = NDJSONFramer()
+    assert run(framer, data, step) == [("", {"a": 1}), ("", {"b": 2}), ("", {"c": 3})]
+    assert framer.bad == 1
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_event_stream_converse_and_invoke_chunks(step: int) -> None:
+    data = (
+        event("messageStart", {"role": "assistant"})
+        + event("metadata", {"usage": {"inputTokens": 10, "outputTokens": 4}})
+        + invoke_chunk({"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 10}})
+    )
+    framer = EventStreamFramer()
+    assert run(framer, data, step) == [
+        ("messageStart", {"role": "assistant"}),
+        ("metadata", {"usage": {"inputTokens": 10, "outputTokens": 4}}),
+        ("chunk", {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 10}}),
+    ]
+    assert framer.error is None
+
+
+def test_event_stream_exception_is_reported() -> None:
+    framer = EventStreamFramer()
+    data = event("messageStart", {"role": "assistant"}) + exception("throttlingException", "slow down")
+    assert run(framer, data, 5) == [("messageStart", {"role": "assistant"})]
+    assert framer.error == "provider stream error: throttlingException"
+
+
+def test_event_stream_corruption_stops_parsing_without_raising() -> None:
+    good = event("metadata", {"usage": {"inputTokens": 1}})
+    bad = bytearray(event("metadata", {"usage": {"inputTokens": 2}}))
+    bad[-1] ^= 0xFF  # message CRC no longer matches
+    framer = EventStreamFramer()
+    assert run(framer, good + bytes(bad) + good, 4) == [("metadata", {"usage": {"inputTokens": 1}})]
+    assert framer.error is not None and "event-stream" in framer.error
+
+
+@pytest.mark.parametrize(
+    ("ctype", "kind", "streaming"),
+    [
+        ("text/event-stream; charset=utf-8", "SSEFramer", True),
+        ("application/x-ndjson", "NDJSONFramer", True),
+        ("application/vnd.amazon.eventstream", "EventStreamFramer", True),
+        ("application/json; charset=UTF-8", "JSONFramer", False),
+        ("", "JSONFramer", False),
+    ],
+)
+def test_framer_for(ctype: str, kind: str, streaming: bool) -> None:
+    framer, is_stream = framer_for(ctype)
+    assert type(framer).__name__ == kind and is_stream is streaming
