@@ -38,6 +38,8 @@ class AnthropicAccumulator(BaseAccumulator):
             self._take_usage(obj.get("usage"))
         elif kind == "content_block_delta":
             self.saw_output = True
+        elif kind == "message_stop":
+            self.ended = True
         elif kind == "message":  # a non-streamed response
             self._take_message(obj)
         elif kind == "error":

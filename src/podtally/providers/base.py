@@ -19,6 +19,7 @@ class Accumulator(Protocol):
 
     usage: CallUsage
     saw_output: bool
+    ended: bool
 
     def on_headers(self, headers: Mapping[str, str]) -> None: ...
 
@@ -33,6 +34,9 @@ class BaseAccumulator:
     def __init__(self) -> None:
         self.usage = CallUsage()
         self.saw_output = False
+        # The provider's own end-of-response marker was seen (message_stop, [DONE], …):
+        # a client that hangs up after it has had the whole response.
+        self.ended = False
 
     def on_headers(self, headers: Mapping[str, str]) -> None:
         pass
@@ -55,6 +59,10 @@ class ResponseParser:
     @property
     def saw_output(self) -> bool:
         return self.acc.saw_output
+
+    @property
+    def ended(self) -> bool:
+        return self.acc.ended or bool(getattr(self.framer, "done", False))
 
     def feed(self, chunk: bytes) -> None:
         for event, obj in self.framer.feed(chunk):

@@ -35,6 +35,8 @@ class ConverseAccumulator(BaseAccumulator):
     def on_object(self, event: str, obj: dict[str, Any]) -> None:
         if event == "contentBlockDelta":
             self.saw_output = True
+        elif event == "metadata":
+            self.ended = True
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage.tokens = Tokens(
@@ -66,6 +68,7 @@ class InvokeAccumulator(BaseAccumulator):
         if self.inner is not None:
             self.inner.on_object(event, obj)
             self.saw_output = self.saw_output or self.inner.saw_output
+            self.ended = self.inner.ended
         elif _has_text(obj):
             self.saw_output = True
         metrics = obj.get("amazon-bedrock-invocationMetrics")

@@ -21,6 +21,8 @@ class CohereAccumulator(BaseAccumulator):
             self.usage.response_id = rid
         if kind in ("content-delta", "text-generation", "tool-call-delta"):
             self.saw_output = True
+        elif kind in ("message-end", "stream-end"):
+            self.ended = True
         # v2: usage.billed_units (body; message-end's delta.usage); v1: meta.billed_units
         # (body; stream-end's response.meta).
         for holder in (obj, as_dict(obj.get("delta")), as_dict(obj.get("response"))):

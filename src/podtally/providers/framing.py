@@ -47,10 +47,12 @@ class SSEFramer:
         self._sse = SSEDecoder()
         self.bad = 0
         self.error: str | None = None
+        self.done = False  # saw the OpenAI-style end marker
 
     def feed(self, chunk: bytes) -> Iterator[Item]:
         for ev in self._sse.feed(chunk):
             if ev.data == "[DONE]":
+                self.done = True
                 continue
             obj = _loads(ev.data)
             if isinstance(obj, dict):

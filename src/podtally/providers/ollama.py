@@ -17,6 +17,8 @@ class OllamaAccumulator(BaseAccumulator):
             self.usage.model = model
         if as_dict(obj.get("message")).get("content") or obj.get("response"):
             self.saw_output = True
+        if obj.get("done") is True:
+            self.ended = True
         if "prompt_eval_count" in obj or "eval_count" in obj:
             self.usage.tokens = Tokens(input=as_int(obj.get("prompt_eval_count")),
                                        output=as_int(obj.get("eval_count")))

@@ -55,6 +55,8 @@ class OpenAIAccumulator(BaseAccumulator):
         if isinstance(kind, str) and kind.startswith("response."):
             if kind.endswith(".delta"):
                 self.saw_output = True
+            elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.ended = True
             inner = obj.get("response")
             if isinstance(inner, dict):
                 self._take(inner)

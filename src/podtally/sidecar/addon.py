@@ -279,8 +279,14 @@ class MeterAddon:
         now = time.time()
         resp = flow.response
         usage = None
+        failure = flow.error.msg if flow.error is not None else None
+        by_client = failure is not None and failure.startswith("Client")
+        if by_client and call.parser is not None and call.parser.ended:
+            # SDKs close the connection as soon as they read the stream's end marker,
+            # often before the body's last bytes: the call was complete.
+            failure, complete = None, True
         if call.parser is not None and call.metering:
-            usage = call.parser.finish(complete=complete and flow.error is None)
+            usage = call.parser.finish(complete=complete and failure is None)
         tokens = usage.tokens if usage else None
         model = (usage.model if usage else None) or call.spec.request_model or "unknown"
         tier = usage.service_tier if usage else None
@@ -290,8 +296,7 @@ class MeterAddon:
             if tokens is not None else None
         )
         error = None
-        if flow.error is not None:
-            by_client = flow.error.msg.startswith("Client")
+        if failure is not None:
             error = "client disconnected" if by_client else "upstream error"
         elif usage is not None and usage.parse_error:
             error = usage.parse_error
