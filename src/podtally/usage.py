@@ -30,7 +30,7 @@ class Tokens(BaseModel):
     def total(self) -> int:
         return self.input + self.cache_read + self.cache_write + self.output + self.reasoning
 
-    def as_dict(self) -> dict[TokenType, int]:
+    def as_dict(self) -> dict[str, int]:
         return {t: getattr(self, t) for t in TOKEN_TYPES}
 
 

@@ -31,9 +31,12 @@ class GeminiAccumulator(BaseAccumulator):
         meta = obj.get("usageMetadata")
         if isinstance(meta, dict):
             self.usage.tokens = tokens_from_metadata(meta)
-            tier = text(meta.get("trafficType"))  # Vertex: ON_DEMAND / PROVISIONED_THROUGHPUT
+            tier = text(meta.get("serviceTier")) or text(obj.get("serviceTier"))
             if tier:
                 self.usage.service_tier = tier.lower()
+            elif meta.get("trafficType") == "PROVISIONED_THROUGHPUT":
+                # Vertex: served from pre-bought capacity, not billed per token.
+                self.usage.service_tier = "provisioned"
         if not self.saw_output:
             for cand in obj.get("candidates") or ():
                 if as_dict(as_dict(cand).get("content")).get("parts"):

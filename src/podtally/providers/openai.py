@@ -9,8 +9,13 @@ from podtally.providers.base import BaseAccumulator, as_dict, as_int
 from podtally.usage import Tokens
 
 
-def tokens_from_usage(usage: dict[str, Any]) -> Tokens:
-    """OpenAI usage shapes into disjoint buckets (contract: token buckets table)."""
+def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = True) -> Tokens:
+    """OpenAI usage shapes into disjoint buckets (contract: token buckets table).
+
+    OpenAI counts reasoning inside completion_tokens; xAI reports it beside them
+    (`reasoning_in_completion=False`). A completion smaller than its reasoning can only
+    mean the latter, whoever serves it.
+    """
     if "prompt_cache_hit_tokens" in usage or "prompt_cache_miss_tokens" in usage:  # DeepSeek
         completion = as_int(usage.get("completion_tokens"))
         details = as_dict(usage.get("completion_tokens_details"))
@@ -33,12 +38,9 @@ def tokens_from_usage(usage: dict[str, Any]) -> Tokens:
         reasoning = as_int(
             as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
         )
-    return Tokens(
-        input=prompt - cached,
-        cache_read=cached,
-        output=completion - reasoning,
-        reasoning=reasoning,
-    )
+    if reasoning_in_completion and completion >= reasoning:
+        completion -= reasoning
+    return Tokens(input=prompt - cached, cache_read=cached, output=completion, reasoning=reasoning)
 
 
 class OpenAIAccumulator(BaseAccumulator):
@@ -48,6 +50,10 @@ class OpenAIAccumulator(BaseAccumulator):
     and only content-filter results), Groq (usage under `x_groq` in its last chunk), xAI
     (usage in a chunk before the last), DeepSeek (cache hit/miss counts), Mistral, vLLM.
     """
+
+    def __init__(self, *, reasoning_in_completion: bool = True) -> None:
+        super().__init__()
+        self.reasoning_in_completion = reasoning_in_completion
 
     def on_object(self, event: str, obj: dict[str, Any]) -> None:
         # Responses API stream events wrap the response object; its deltas carry output.
@@ -79,7 +85,8 @@ class OpenAIAccumulator(BaseAccumulator):
         if not isinstance(usage, dict):
             usage = as_dict(obj.get("x_groq")).get("usage")
         if isinstance(usage, dict):
-            self.usage.tokens = tokens_from_usage(usage)
+            self.usage.tokens = tokens_from_usage(
+                usage, reasoning_in_completion=self.reasoning_in_completion)
 
 
 def _has_output(obj: dict[str, Any]) -> bool:

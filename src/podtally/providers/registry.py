@@ -22,10 +22,11 @@ from podtally.providers.cohere import CohereAccumulator
 from podtally.providers.gemini import GeminiAccumulator, GeminiEmbeddingAccumulator
 from podtally.providers.ollama import OllamaAccumulator
 from podtally.providers.openai import OpenAIAccumulator
+from podtally.providers.openai_batch import BatchOutputAccumulator
 
 Family = Literal[
     "openai", "anthropic", "gemini", "gemini_embed", "bedrock_converse", "bedrock_invoke",
-    "cohere", "ollama",
+    "cohere", "ollama", "openai_batch",
 ]
 
 # Built-in LLM endpoints (exact names or fnmatch globs) → OpenTelemetry provider name.
@@ -106,12 +107,16 @@ class CallSpec:
     def parser(
         self, content_type: str, headers: Mapping[str, str] | None = None
     ) -> ResponseParser:
+        if self.family == "openai_batch":
+            content_type = "application/x-ndjson"  # served as octet-stream, read as JSONL
         return ResponseParser(_ACCUMULATORS[self.family](self), content_type=content_type,
                               headers=headers)
 
 
 _ACCUMULATORS: dict[str, Callable[[CallSpec], Accumulator]] = {
-    "openai": lambda spec: OpenAIAccumulator(),
+    "openai": lambda spec: OpenAIAccumulator(
+        reasoning_in_completion=spec.provider != "x_ai"),
+    "openai_batch": lambda spec: BatchOutputAccumulator(),
     "anthropic": lambda spec: AnthropicAccumulator(),
     "gemini": lambda spec: GeminiAccumulator(),
     "gemini_embed": lambda spec: GeminiEmbeddingAccumulator(),
@@ -139,6 +144,7 @@ _OPENAI_SUFFIXES = (
     ("/responses", "chat"),
 )
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
+_FILE_CONTENT = re.compile(r"/files/[^/]+/content$")
 # Gemini API and Vertex: .../models/{model}:{method}
 _GOOGLE_MODEL = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 _GEMINI_METHODS: dict[str, tuple[Family, str, bool]] = {
@@ -203,13 +209,21 @@ def provider_for_plain_http(host: str, port: int | None, path: str) -> str:
     return "openai_compatible"
 
 
-def operation_for(provider: str, path: str) -> str | None:
+def operation_for(provider: str, path: str, method: str = "POST") -> str | None:
+    """The operation of a request, or None when it is not metered (decides buffering)."""
+    if method.upper() == "GET":
+        spec = detect(provider, method, path, b"")
+        return spec.operation if spec else None
     route = route_for(provider, path)
     return route.operation if route else None
 
 
 def detect(provider: str, method: str, path: str, body: bytes) -> CallSpec | None:
     """A request to a known LLM host → the call to meter, or None (e.g. GET /v1/models)."""
+    if method.upper() == "GET" and provider in ("openai", "azure.ai.openai"):
+        if _FILE_CONTENT.search(path.split("?", 1)[0]):
+            return CallSpec(provider, "openai_batch", "batch", None, stream=True)
+        return None
     if method.upper() != "POST":
         return None
     route = route_for(provider, path)

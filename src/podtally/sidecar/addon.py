@@ -13,8 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +25,7 @@ from mitmproxy.proxy.context import Context
 from podtally.pricing import PriceBook
 from podtally.providers.decoding import Decoder, decoder_for
 from podtally.providers.include_usage import UsageChunkStripper, add_include_usage
+from podtally.providers.realtime import RealtimeSession
 from podtally.providers.registry import (
     CallSpec,
     HostTable,
@@ -33,11 +33,13 @@ from podtally.providers.registry import (
     operation_for,
     provider_for_plain_http,
 )
+from podtally.records import CallFacts, build_record
 from podtally.usage import Identity, UsageRecord
 
 log = logging.getLogger("podtally.sidecar")
 
 METADATA_KEY = "podtally"
+REALTIME_KEY = "podtally.realtime"
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "apim-request-id", "x-amzn-requestid")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -101,7 +103,7 @@ class PodtallyNextLayer(NextLayer):
                 host = value.strip().decode("latin-1").rsplit(":", 1)[0]
         path = parts[1].decode("latin-1")
         provider = self.hosts.provider_for(host) or provider_for_plain_http(host, None, path)
-        return operation_for(provider, path) is not None
+        return operation_for(provider, path, parts[0].decode("latin-1")) is not None
 
 
 def _starts_like_tls(data: bytes) -> bool:
@@ -174,7 +176,8 @@ class MeterAddon:
     @_guarded("requestheaders")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         provider = self._provider(flow)
-        if provider is None or operation_for(provider, flow.request.path) is None:
+        req = flow.request
+        if provider is None or operation_for(provider, req.path, req.method) is None:
             flow.request.stream = True  # not a metered call: never buffered
 
     @_guarded("request")
@@ -271,71 +274,89 @@ class MeterAddon:
         call.done = True
         self.in_flight -= 1
         try:
-            self.sink(self._record(flow, call, complete=complete))
+            for facts in self._facts(flow, call, complete=complete):
+                self.sink(build_record(self.identity, self.prices, facts))
         except Exception as exc:  # noqa: BLE001
             self._fault("record", exc)
 
-    def _record(self, flow: http.HTTPFlow, call: Call, *, complete: bool) -> UsageRecord:
-        now = time.time()
+    def _facts(self, flow: http.HTTPFlow, call: Call, *, complete: bool) -> list[CallFacts]:
         resp = flow.response
-        usage = None
         failure = flow.error.msg if flow.error is not None else None
         by_client = failure is not None and failure.startswith("Client")
         if by_client and call.parser is not None and call.parser.ended:
             # SDKs close the connection as soon as they read the stream's end marker,
             # often before the body's last bytes: the call was complete.
             failure, complete = None, True
+        usage = None
         if call.parser is not None and call.metering:
             usage = call.parser.finish(complete=complete and failure is None)
-        tokens = usage.tokens if usage else None
-        model = (usage.model if usage else None) or call.spec.request_model or "unknown"
-        tier = usage.service_tier if usage else None
-        started = datetime.fromtimestamp(call.started, UTC)
-        price = (
-            self.prices.price(call.spec.provider, model, tokens.as_dict(), tier, started)
-            if tokens is not None else None
-        )
         error = None
         if failure is not None:
             error = "client disconnected" if by_client else "upstream error"
-        elif usage is not None and usage.parse_error:
-            error = usage.parse_error
         elif call.errors:
             error = "; ".join(call.errors)
-        ident = self.identity
-        streamed = bool(call.parser is not None and call.parser.streaming)
-        return UsageRecord(
-            timestamp=started.isoformat(),
-            namespace=ident.namespace,
-            pod=ident.pod,
-            workload=ident.workload,
-            team=ident.team,
-            app=ident.app,
-            service_account=ident.service_account,
+        facts = CallFacts(
             provider=call.spec.provider,
             host=call.host,
             operation=call.spec.operation,
-            model=model,
             request_model=call.spec.request_model,
-            streamed=streamed,
+            streamed=bool(call.parser is not None and call.parser.streaming),
             status=str(resp.status_code) if resp is not None else "error",
-            service_tier=tier,
-            tokens=tokens,
-            tokens_total=tokens.total if tokens else 0,
-            tokens_estimated=bool(usage and usage.estimated),
-            cost_usd=price.cost_usd if price else 0.0,
-            priced=bool(price and price.priced),
-            price_tier=price.applied_tier if price else None,
-            duration_seconds=max(0.0, now - call.started),
-            time_to_first_token_seconds=(
-                call.first_token_at - call.started if streamed and call.first_token_at else None
-            ),
+            usage=usage,
+            started=call.started,
+            ended=time.time(),
+            first_token_at=call.first_token_at,
             request_id=_request_id(resp),
-            response_id=usage.response_id if usage else None,
             usage_injected=call.usage_injected,
             error=error,
         )
+        if call.spec.family != "openai_batch":
+            return [facts]
+        # A batch output file: one call per result line, none for the download itself.
+        lines = call.parser.acc.lines if call.parser is not None and call.metering else []
+        return [
+            replace(facts, operation=line.operation, request_model=None, streamed=False,
+                    status=line.status, usage=line.usage, request_id=line.request_id)
+            for line in lines
+        ]
 
+    # -- OpenAI Realtime over WebSocket -----------------------------------------------------
+
+    @_guarded("websocket_start")
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        provider = self._provider(flow)
+        path = flow.request.path.split("?", 1)[0]
+        if provider not in ("openai", "azure.ai.openai") or not path.endswith("/realtime"):
+            return
+        model = flow.request.query.get("model") or flow.request.query.get("deployment")
+        flow.metadata[REALTIME_KEY] = RealtimeSession(model)
+
+    @_guarded("websocket_message")
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        messages = flow.websocket.messages
+        session: RealtimeSession | None = flow.metadata.get(REALTIME_KEY)
+        message = messages[-1]
+        # The sidecar keeps no history: a realtime session can run for hours of audio.
+        messages.clear()
+        if session is None or message.from_client:
+            return
+        now = time.time()
+        done = session.on_server_message(message.content, now)
+        if done is None:
+            return
+        facts = CallFacts(
+            provider=self._provider(flow) or "openai",
+            host=self._host(flow) or "",
+            operation="realtime",
+            request_model=session.model,
+            streamed=True,
+            status="error" if done.status == "failed" else "200",
+            usage=done.usage,
+            started=done.started_at or now,
+            ended=now,
+        )
+        self.sink(build_record(self.identity, self.prices, facts))
 
 def _request_id(resp: http.Response | None) -> str | None:
     if resp is None:
