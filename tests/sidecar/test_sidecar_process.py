@@ -404,3 +404,81 @@ def test_sigterm_finishes_an_inflight_stream(env: Env) -> None:
     (rec,) = sc.wait_records(1)
     assert rec["tokens"]["output"] == 9 and rec["error"] is None
     assert sc.proc.wait(10) == 0  # nobody scrapes: the drain timeout bounds the wait
+
+
+# -- pricing: unknown models are counted at 0 and visible; overrides and tiers apply --
+
+
+def _chat_body(model: str, tier: str | None = None) -> bytes:
+    body = json.loads(payload("openai-chat.response.json"))
+    body["model"] = model
+    if tier:
+        body["service_tier"] = tier
+    return json.dumps(body).encode()
+
+
+def test_unknown_model_is_counted_unpriced(env: Env, sidecar: SidecarProcess) -> None:
+    route(env, "/v1/chat/completions", Script(headers=[("content-type", "application/json")],
+                                              body=_chat_body("acme-private-llm-7b")))
+    before = len(sidecar.records)
+    with env.http(sidecar) as http:
+        http.post(f"{env.openai_url}/chat/completions", json={"model": "acme-private-llm-7b"})
+    (rec,) = call_records(sidecar, before)
+    assert rec["priced"] is False and rec["cost_usd"] == 0 and rec["tokens_total"] > 0
+    m = sidecar.metrics()
+    assert total(m, "podtally_llm_unpriced_requests_total", model="acme-private-llm-7b") == 1
+    assert total(m, "podtally_llm_cost_usd_total", model="acme-private-llm-7b") == 0
+
+
+def test_flex_tier_is_priced_at_the_flex_price(env: Env, sidecar: SidecarProcess) -> None:
+    from podtally.pricing import PriceBook
+
+    route(env, "/v1/chat/completions", Script(headers=[("content-type", "application/json")],
+                                              body=_chat_body("o3-2025-04-16", tier="flex")))
+    before = len(sidecar.records)
+    with env.http(sidecar) as http:
+        http.post(f"{env.openai_url}/chat/completions", json={"model": "o3", "service_tier": "flex"})
+    (rec,) = call_records(sidecar, before)
+    book = PriceBook()
+    standard = book.price("openai", "o3-2025-04-16", rec["tokens"]).cost_usd
+    flex = book.price("openai", "o3-2025-04-16", rec["tokens"], "flex")
+    assert rec["service_tier"] == "flex" and rec["price_tier"] == flex.applied_tier != "standard"
+    assert rec["cost_usd"] == pytest.approx(flex.cost_usd) and flex.cost_usd < standard
+
+
+def test_price_overrides_file(env: Env) -> None:
+    overrides = env.tmp / "prices.yaml"
+    overrides.write_text(
+        "models:\n"
+        "  - provider: openai\n"
+        "    model: acme-*\n"
+        "    usd_per_mtok: {input: 1000000, output: 2000000}\n"
+    )
+    sc = env.start_sidecar("--price-overrides", str(overrides))
+    try:
+        route(env, "/v1/chat/completions", Script(headers=[("content-type", "application/json")],
+                                                  body=_chat_body("acme-private-llm-7b")))
+        with env.http(sc) as http:
+            http.post(f"{env.openai_url}/chat/completions", json={"model": "acme-private-llm-7b"})
+        (rec,) = sc.wait_records(1)
+        t = rec["tokens"]
+        assert rec["priced"] is True
+        assert rec["cost_usd"] == pytest.approx((t["input"] + t["cache_read"]) * 1 + t["output"] * 2)
+    finally:
+        sc.metrics()
+        assert sc.terminate() == 0
+
+
+def test_bad_overrides_file_is_a_clear_startup_error(env: Env) -> None:
+    bad = env.tmp / "bad-prices.yaml"
+    bad.write_text("models:\n  - provider: openai\n    usd_per_mtok: {input: -1}\n")
+    import subprocess
+
+    proc = subprocess.run(
+        sidecar_argv("--ca-cert", str(env.ca), "--ca-key", str(env.ca_key), "--mode", "regular",
+                     "--port", str(free_port()), "--metrics-port", str(free_port()),
+                     "--price-overrides", str(bad)),
+        capture_output=True, text=True, timeout=30, env=base_env(),
+    )
+    assert proc.returncode != 0
+    assert "bad-prices.yaml" in proc.stderr and "Traceback" not in proc.stderr

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from podtally.certs import write_mitmproxy_confdir
 from podtally.identity import identity_from, read_labels
 from podtally.metrics import Meters
-from podtally.pricing import PriceBook
+from podtally.pricing import PriceBook, PricingConfigError
 from podtally.sidecar.addon import MeterAddon, PodtallyNextLayer
 from podtally.sidecar.settings import SidecarSettings
 from podtally.usage import UsageRecord
@@ -106,10 +106,11 @@ class JsonLines:
             self.out.flush()
 
 
-async def serve(settings: SidecarSettings, *, out: IO[str] = sys.stdout) -> int:
+async def serve(
+    settings: SidecarSettings, prices: PriceBook, *, out: IO[str] = sys.stdout
+) -> int:
     identity = identity_from(os.environ, read_labels(settings.labels_file), settings.team_labels)
     meters = Meters(CollectorRegistry(), zero_first=settings.zero_first)
-    prices = PriceBook(overrides_path=settings.price_overrides)
     records = JsonLines(out)
 
     def sink(rec: UsageRecord) -> None:
@@ -190,4 +191,9 @@ def main(settings: SidecarSettings) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    return asyncio.run(serve(settings))
+    try:
+        prices = PriceBook(overrides_path=settings.price_overrides)
+    except PricingConfigError as err:
+        log.error("%s", err)
+        return 2
+    return asyncio.run(serve(settings, prices))
