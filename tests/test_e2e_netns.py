@@ -52,6 +52,7 @@ from support.netns import (
     pod_with_provider,
     python_for_uid,
 )
+from support.payloads import without_usage
 from support.sidecar import Sample, parse_metrics, select
 
 from podtally.certs import generate_ca
@@ -95,22 +96,6 @@ def expected(stem: str) -> dict[str, Any]:
     return dict(json.loads((DATA / f"{stem}.expected.json").read_text()))
 
 
-def without_usage(stream: bytes) -> bytes:
-    """What the provider sends when include_usage was not asked for, derived independently
-    of the sidecar: no usage-only chunk, no `"usage":null` member in the others."""
-    out = []
-    for event in stream.split(b"\n\n"):
-        if not event:
-            continue
-        data = event.removeprefix(b"data: ")
-        if data != b"[DONE]":
-            obj = json.loads(data)
-            if obj.get("usage") is not None:
-                continue
-            obj.pop("usage")
-            data = json.dumps(obj, separators=(",", ":")).encode()
-        out.append(b"data: " + data + b"\n\n")
-    return b"".join(out)
 
 
 # ------------------------------------------------------------------------------ the calls

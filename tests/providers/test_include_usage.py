@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support.payloads import without_usage
 
 from podtally.providers.include_usage import UsageChunkStripper, add_include_usage
 
@@ -30,21 +31,6 @@ def test_unsafe_bodies_are_left_alone(body: bytes) -> None:
     assert add_include_usage(body) is None
 
 
-def _without_usage(stream: bytes) -> bytes:
-    """What the provider would have sent without include_usage, derived independently."""
-    out = []
-    for event in stream.split(b"\n\n"):
-        if not event:
-            continue
-        payload = event.removeprefix(b"data: ")
-        if payload != b"[DONE]":
-            obj = json.loads(payload)
-            if obj.get("usage") is not None:
-                continue
-            obj.pop("usage")
-            payload = json.dumps(obj, separators=(",", ":")).encode()
-        out.append(b"data: " + payload + b"\n\n")
-    return b"".join(out)
 
 
 @pytest.mark.parametrize("step", [1, 5, 64, 100_000])
@@ -54,7 +40,7 @@ def test_stripped_stream_is_what_the_client_would_have_got(step: int) -> None:
     out = b"".join(stripper.feed(stream[i : i + step]) for i in range(0, len(stream), step))
     out += stripper.flush()
     assert stripper.stripped_usage_chunk
-    assert out == _without_usage(stream)
+    assert out == without_usage(stream)
     assert b'"usage"' not in out
     assert out.endswith(b"data: [DONE]\n\n")
 

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from support.fake_provider import FakeProvider, Script, WaitFor, make_provider_tls, split_sse
+from support.payloads import without_usage
 from support.sidecar import SidecarProcess, base_env, free_port, select, sidecar_argv, total
 
 from podtally.certs import generate_ca
@@ -156,20 +157,6 @@ def test_openai_chat_through_the_sdk(env: Env, sidecar: SidecarProcess) -> None:
                  team="payments-team", app="checkout", service_account="checkout-sa") == 1
 
 
-def _without_usage(stream: bytes) -> bytes:
-    out = []
-    for event in stream.split(b"\n\n"):
-        if not event:
-            continue
-        data = event.removeprefix(b"data: ")
-        if data != b"[DONE]":
-            obj = json.loads(data)
-            if obj.get("usage") is not None:
-                continue
-            obj.pop("usage", None)
-            data = json.dumps(obj, separators=(",", ":")).encode()
-        out.append(b"data: " + data + b"\n\n")
-    return b"".join(out)
 
 
 def test_openai_stream_gets_usage_without_the_client_seeing_it(env: Env, sidecar: SidecarProcess) -> None:
@@ -182,7 +169,7 @@ def test_openai_stream_gets_usage_without_the_client_seeing_it(env: Env, sidecar
         json={"model": "gpt-4o-mini", "stream": True, "messages": []},
     ) as resp:
         raw = b"".join(resp.iter_raw())
-    assert raw == _without_usage(payload(name))
+    assert raw == without_usage(payload(name))
     upstream = env.provider.requests[-1].json()
     assert upstream["stream_options"] == {"include_usage": True}
 
@@ -193,7 +180,7 @@ def test_openai_stream_gets_usage_without_the_client_seeing_it(env: Env, sidecar
     assert 0 <= rec["time_to_first_token_seconds"] <= rec["duration_seconds"]
 
 
-def test_openai_sdk_stream_without_usage(env: Env, sidecar: SidecarProcess) -> None:
+def test_openai_sdk_streamwithout_usage(env: Env, sidecar: SidecarProcess) -> None:
     route(env, "/v1/chat/completions", sse("openai-chat-stream-usage.response.sse"))
     before = len(sidecar.records)
     client = openai.OpenAI(base_url=env.openai_url, api_key=SECRET, http_client=env.http(sidecar))
