@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -90,6 +91,44 @@ def init_iptables(proxy_uid: int, proxy_port: int, ports: str, exclude_cidrs: st
     except iptables.IptablesError as err:
         raise click.ClickException(str(err)) from err
     click.echo("podtally: iptables redirect installed", err=True)
+
+
+@main.command()
+@click.option("-f", "--filename", "manifest", type=click.File("r"), required=True,
+              help="Manifest to inject (YAML, multi-document; - for stdin).")
+@click.option("--namespace", default="default", show_default=True,
+              help="Namespace of objects that name none.")
+@click.option("--namespace-labels", default="", metavar="k=v,...",
+              help="Labels of that namespace (opt-in label, team).")
+@click.option("--operator-namespace", default="podtally-system", show_default=True)
+@click.option("--image", default=None, help="podtally image for the init step and sidecar.")
+@click.option("--plain-sidecar", is_flag=True,
+              help="A plain container instead of a native sidecar (Kubernetes < 1.29).")
+def inject(manifest: Any, namespace: str, namespace_labels: str, operator_namespace: str,
+           image: str | None, plain_sidecar: bool) -> None:
+    """Inject the sidecar into manifests offline (like istioctl kube-inject); prints YAML."""
+    import yaml
+
+    from podtally.injection.manifests import inject_documents
+    from podtally.injection.render import InjectionConfig
+
+    try:
+        labels = dict(
+            kv.split("=", 1) for kv in namespace_labels.split(",") if kv.strip()
+        )
+    except ValueError as err:
+        raise click.BadParameter(f"not k=v pairs: {namespace_labels!r}") from err
+    try:
+        docs = [d for d in yaml.safe_load_all(manifest) if d is not None]
+    except yaml.YAMLError as err:
+        raise click.ClickException(f"{manifest.name}: not valid YAML: {err}") from err
+    overrides: dict[str, Any] = {"native_sidecar": not plain_sidecar}
+    if image:
+        overrides["image"] = image
+    out = inject_documents(docs, config=InjectionConfig(**overrides),
+                           default_namespace=namespace, namespace_labels=labels,
+                           operator_namespace=operator_namespace)
+    click.echo(yaml.safe_dump_all(out, sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":
