@@ -30,7 +30,7 @@ system-deps:
 	else echo "not root: skipping Debian packages ($(APT_PACKAGES))"; fi
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests demo $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
