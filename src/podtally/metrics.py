@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -24,6 +23,9 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30, 60)
 
 _Series = tuple[str, tuple[str, ...]]
+_HISTOGRAMS = frozenset({"duration", "ttft"})
+# A series nobody scrapes stops holding observations after this many (bounded memory).
+MAX_HELD_OBSERVATIONS = 1000
 
 
 class Meters:
@@ -33,7 +35,9 @@ class Meters:
         self._lock = threading.Lock()
         self._created: set[_Series] = set()
         self._exposed: set[_Series] = set()
-        self._staged: list[Callable[[], None]] = []
+        # Per new series: what waits for its zero to be scraped (a counter's running sum,
+        # a histogram's observations).
+        self._pending: dict[_Series, list[float]] = {}
         self.last_change = 0.0  # when a call last changed the exposed values
         self.last_scrape = 0.0
         self.requests = Counter(
@@ -79,79 +83,75 @@ class Meters:
     @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._staged)
+            return len(self._pending)
 
     def observe(self, rec: UsageRecord) -> None:
-        updates = self._updates(rec)
         with self._lock:
-            fresh = [s for s, _ in updates if s not in self._exposed]
-            if self.zero_first and (fresh or self._staged):
-                for series, _ in updates:
-                    name, labels = series
-                    self._metric(name).labels(*labels)  # expose the series at 0
-                    self._created.add(series)
-                self._staged.append(_apply_all(updates))
-                return
-            for _, apply in updates:
-                apply()
-            self._created.update(s for s, _ in updates)
-            self._exposed.update(s for s, _ in updates)
-            self.last_change = time.time()
+            for series, amount in self._updates(rec):
+                if not self.zero_first or series in self._exposed:
+                    self._apply(series, amount)
+                    self.last_change = time.time()
+                    continue
+                name, labels = series
+                self._metric(name).labels(*labels)  # exposed at 0 until the next scrape
+                self._created.add(series)
+                held = self._pending.setdefault(series, [])
+                if name in _HISTOGRAMS:
+                    held.append(amount)
+                    if len(held) > MAX_HELD_OBSERVATIONS:  # nobody scrapes: stop holding
+                        self._release(series)
+                else:
+                    held[:] = [sum(held) + amount]  # counters: one running amount
 
     def scrape(self) -> bytes:
-        """The exposition for /metrics; staged calls are applied once their zeros are out."""
+        """The exposition for /metrics; held calls are added once their zeros are out."""
         with self._lock:
             body = generate_latest(self.registry)
             self.last_scrape = time.time()
             self._exposed.update(self._created)
-            if self._staged:
-                for apply in self._staged:
-                    apply()
-                self._staged.clear()
-                self.last_change = time.time()
+            for series in list(self._pending):
+                self._release(series)
             return body
 
     def everything_scraped(self) -> bool:
         """True when Prometheus has seen every call counted so far."""
         with self._lock:
-            return not self._staged and self.last_scrape >= self.last_change
+            return not self._pending and self.last_scrape >= self.last_change
+
+    def _release(self, series: _Series) -> None:
+        for amount in self._pending.pop(series, ()):
+            self._apply(series, amount)
+        self._exposed.add(series)
+        self.last_change = time.time()
+
+    def _apply(self, series: _Series, amount: float) -> None:
+        name, labels = series
+        child = self._metric(name).labels(*labels)
+        if name in _HISTOGRAMS:
+            child.observe(amount)  # type: ignore[union-attr]
+        else:
+            child.inc(amount)  # type: ignore[union-attr]
 
     def _metric(self, name: str) -> Counter | Histogram:
         metric: Counter | Histogram = getattr(self, name)
         return metric
 
-    def _updates(self, rec: UsageRecord) -> list[tuple[_Series, Callable[[], None]]]:
+    @staticmethod
+    def _updates(rec: UsageRecord) -> list[tuple[_Series, float]]:
         ident = (rec.namespace, rec.workload, rec.team, rec.app, rec.service_account)
         who = (*ident, rec.provider, rec.model)
         slim = (rec.namespace, rec.team, rec.provider, rec.model)
-        out: list[tuple[_Series, Callable[[], None]]] = []
-
-        def inc(name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
-            metric = self._metric(name)
-            out.append(((name, labels), lambda: metric.labels(*labels).inc(amount)))  # type: ignore[union-attr]
-
-        def obs(name: str, labels: tuple[str, ...], value: float) -> None:
-            metric = self._metric(name)
-            out.append(((name, labels), lambda: metric.labels(*labels).observe(value)))  # type: ignore[union-attr]
-
-        inc("requests", (*who, rec.operation, rec.status))
+        out: list[tuple[_Series, float]] = [(("requests", (*who, rec.operation, rec.status)), 1.0)]
         if rec.tokens is not None:
-            for token_type, n in rec.tokens.as_dict().items():
-                inc("tokens", (*who, token_type), n)
-            inc("cost", who, rec.cost_usd)
+            out += [(("tokens", (*who, t)), float(n)) for t, n in rec.tokens.as_dict().items()]
+            out.append((("cost", who), rec.cost_usd))
             if not rec.priced:
-                inc("unpriced", who)
+                out.append((("unpriced", who), 1.0))
             if rec.tokens_estimated:
-                inc("estimated", who)
-        obs("duration", slim, rec.duration_seconds)
+                out.append((("estimated", who), 1.0))
+        out.append((("duration", slim), rec.duration_seconds))
         if rec.time_to_first_token_seconds is not None:
-            obs("ttft", slim, rec.time_to_first_token_seconds)
+            out.append((("ttft", slim), rec.time_to_first_token_seconds))
         return out
 
 
-def _apply_all(updates: list[tuple[_Series, Callable[[], None]]]) -> Callable[[], None]:
-    def apply() -> None:
-        for _, update in updates:
-            update()
-
-    return apply

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from botocore.eventstream import EventStreamBuffer
 
+from podtally.providers.jsonscan import top_level_members
 from podtally.providers.sse import SSEDecoder
 
 Item = tuple[str, dict[str, Any]]
@@ -21,6 +22,8 @@ Item = tuple[str, dict[str, Any]]
 # A JSON body larger than this is not parsed (its call is still counted, usage unknown):
 # real non-streamed LLM responses are kilobytes; large embedding batches a few MiB.
 MAX_JSON_BODY = 64 * 1024 * 1024
+# JSON bodies above this are scanned for their small top-level members instead of parsed.
+LARGE_JSON_BODY = 4 * 1024 * 1024
 # One line / element / event larger than this is skipped (no real event comes close).
 MAX_ITEM = 16 * 1024 * 1024
 
@@ -104,8 +107,7 @@ class JSONFramer:
         self.bad = 0
         self.error: str | None = None
         self._mode: str | None = None  # "array" or "object", decided by the first byte
-        self._body: list[bytes] = []
-        self._size = 0
+        self._body = bytearray()
         self._elem = bytearray()
         self._depth = 0
         self._in_str = False
@@ -119,19 +121,21 @@ class JSONFramer:
             self._mode = "array" if stripped[:1] == b"[" else "object"
             chunk = stripped[1:] if self._mode == "array" else chunk
         if self._mode == "object":
-            self._size += len(chunk)
-            if self._size > MAX_JSON_BODY:
-                self.error = f"body larger than {MAX_JSON_BODY} bytes: not parsed"
-                self._body = []
-            elif self.error is None:
-                self._body.append(chunk)
+            if self.error is None:
+                self._body += chunk
+                if len(self._body) > MAX_JSON_BODY:
+                    self.error = f"body larger than {MAX_JSON_BODY} bytes: not parsed"
+                    self._body = bytearray()
             return
         yield from self._scan(chunk)
 
     def close(self) -> Iterator[Item]:
         if self._mode == "object" and self.error is None and self._body:
-            obj = _loads(b"".join(self._body))
-            self._body = []
+            body, self._body = self._body, bytearray()
+            # Small bodies are parsed; large ones (embedding batches) only for their small
+            # top-level members: usage, model, ids. Parsing would cost ~4x the size.
+            obj = _loads(bytes(body)) if len(body) <= LARGE_JSON_BODY else (
+                top_level_members(body) or None)
             if isinstance(obj, dict):
                 yield "", obj
             elif isinstance(obj, list):

@@ -13,6 +13,11 @@ import json
 import re
 from typing import Any
 
+from podtally.providers.jsonscan import top_level_members
+
+# Bodies above this are scanned, not parsed (a parse costs ~4x the size in memory).
+LARGE_BODY = 1 << 20
+
 _INSERT = b'"stream_options":{"include_usage":true}'
 _NULL_AFTER = re.compile(rb',[ \t]*"usage"[ \t]*:[ \t]*null(?=[ \t]*[,}])')
 _NULL_BEFORE = re.compile(rb'(?<=[{,])[ \t]*"usage"[ \t]*:[ \t]*null[ \t]*,[ \t]*')
@@ -21,6 +26,13 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 def add_include_usage(body: bytes) -> bytes | None:
     """The request body with include_usage set, or None when it cannot be done safely."""
+    if len(body) > LARGE_BODY:
+        if not body.lstrip().startswith(b"{"):
+            return None
+        req = top_level_members(body, ("stream_options",))
+        if "stream_options" in req:
+            return None  # rare in big bodies: leave them alone rather than re-serialise
+        return _insert(body)
     try:
         req = json.loads(body)
     except ValueError:
@@ -29,15 +41,18 @@ def add_include_usage(body: bytes) -> bytes | None:
         return None
     opts = req.get("stream_options")
     if opts is None and "stream_options" not in req:
-        # Insert after the opening brace: the rest of the body stays byte-identical.
-        start = body.index(b"{") + 1
-        rest = body[start:].lstrip()
-        sep = b"," if not rest.startswith(b"}") else b""
-        return body[:start] + _INSERT + sep + body[start:]
+        return _insert(body)
     if isinstance(opts, dict) or opts is None:
         req["stream_options"] = {**(opts or {}), "include_usage": True}
         return json.dumps(req, separators=(",", ":"), ensure_ascii=False).encode()
     return None
+
+
+def _insert(body: bytes) -> bytes:
+    """After the opening brace: the rest of the body stays byte-identical."""
+    start = body.index(b"{") + 1
+    sep = b"," if not body[start:].lstrip().startswith(b"}") else b""
+    return body[:start] + _INSERT + sep + body[start:]
 
 
 class UsageChunkStripper:

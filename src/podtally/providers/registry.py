@@ -20,6 +20,7 @@ from podtally.providers.base import Accumulator, ResponseParser
 from podtally.providers.bedrock import ConverseAccumulator, InvokeAccumulator
 from podtally.providers.cohere import CohereAccumulator
 from podtally.providers.gemini import GeminiAccumulator, GeminiEmbeddingAccumulator
+from podtally.providers.jsonscan import top_level_members
 from podtally.providers.ollama import OllamaAccumulator
 from podtally.providers.openai import OpenAIAccumulator
 from podtally.providers.openai_batch import BatchOutputAccumulator
@@ -265,7 +266,13 @@ def _azure_accepts_stream_options(path: str) -> bool:
     return m is not None and m.group(1) >= _AZURE_STREAM_OPTIONS_SINCE
 
 
+# Request bodies above this are scanned for the few members detection reads, not parsed.
+LARGE_BODY = 1 << 20
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
+    if len(body) > LARGE_BODY:
+        return top_level_members(body, ("model", "stream", "stream_options"))
     try:
         obj = json.loads(body) if body else {}
     except ValueError:

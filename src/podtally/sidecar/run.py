@@ -126,7 +126,9 @@ async def serve(
         on_fault=lambda stage: meters.faults.labels(stage).inc(),
         inject_stream_usage=settings.inject_stream_usage,
     )
-    confdir = Path(tempfile.mkdtemp(prefix="podtally-"))
+    # mitmproxy's confdir holds a copy of the CA key: private, and gone when we exit.
+    tmp = tempfile.TemporaryDirectory(prefix="podtally-")
+    confdir = Path(tmp.name)
     write_mitmproxy_confdir(
         settings.ca_cert.read_bytes(), settings.ca_key.read_bytes(), confdir
     )
@@ -182,6 +184,7 @@ async def serve(
         await master.run()
     finally:
         metrics.stop()
+        tmp.cleanup()
     return 0
 
 
