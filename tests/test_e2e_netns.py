@@ -19,73 +19,41 @@ provider netns), at the pod address. Zero first: a call on never-scraped series 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.fake_provider import (
-    make_provider_tls,
-    provider_command,
-    read_request_log,
-    split_sse,
-    wait_ready,
+from support.e2e_pod import (
+    E2E,
+    ID_LABELS,
+    POD_ENV,
+    PROXY_UID,
+    TOKEN_TYPES,
+    metered_pod,
 )
-from support.netns import (
-    POD_ADDR,
-    POD_ADDR6,
-    PROVIDER_ADDR,
-    PROVIDER_ADDR6,
-    Pod,
-    UidPython,
-    pod_with_provider,
-    python_for_uid,
-)
+from support.e2e_pod import value as _value
+from support.fake_provider import read_request_log, split_sse
+from support.netns import POD_ADDR, POD_ADDR6, PROVIDER_ADDR, PROVIDER_ADDR6
 from support.payloads import without_usage
-from support.sidecar import Sample, parse_metrics, select
+from support.sidecar import Sample, select
 
-from podtally.certs import generate_ca
 from podtally.pricing import PriceBook
 
 pytestmark = pytest.mark.netns
 
 DATA = Path(__file__).parent / "providers" / "testdata"
-APP_UID, PROXY_UID = 1000, 1337
-METRICS_PORT = 15090
-METRICS_URL = f"http://{POD_ADDR}:{METRICS_PORT}"
-DRAIN_TIMEOUT = 25.0  # the sidecar's default, kept below Kubernetes' 30 s grace period
 
 OPENAI_KEY = "sk-test-SECRET-123"
 ANTHROPIC_KEY = "sk-ant-test-SECRET-456"
 SECRETS = (OPENAI_KEY, ANTHROPIC_KEY)
-
-POD_ENV = {
-    "POD_NAMESPACE": "shop",
-    "POD_NAME": "checkout-7d9f8b6c5-x2x4z",
-    "POD_SERVICE_ACCOUNT": "checkout-sa",
-    "PODTALLY_WORKLOAD": "checkout",
-}
-# A downward-API labels volume file.
-LABELS_FILE = 'app="checkout"\npod-template-hash="7d9f8b6c5"\nteam="payments"\n'
-ID_LABELS = {
-    "namespace": "shop",
-    "workload": "checkout",
-    "team": "payments",
-    "app": "checkout",
-    "service_account": "checkout-sa",
-}
-TOKEN_TYPES = ("input", "cache_read", "cache_write", "output", "reasoning")
 
 
 def payload(name: str) -> bytes:
@@ -94,8 +62,6 @@ def payload(name: str) -> bytes:
 
 def expected(stem: str) -> dict[str, Any]:
     return dict(json.loads((DATA / f"{stem}.expected.json").read_text()))
-
-
 
 
 # ------------------------------------------------------------------------------ the calls
@@ -419,190 +385,14 @@ print(json.dumps(out))
 # ------------------------------------------------------------------------------ the pod
 
 
-@dataclass
-class E2E:
-    pod: Pod
-    dir: Path
-    app_python: UidPython
-    provider_ca: Path
-    podtally_ca: Path
-    provider_log: Path
-    release_dir: Path
-    sidecar: subprocess.Popen[str]
-    sidecar_out: Path
-    sidecar_err: Path
-    provider_err: Path
-    ca_key_pem: bytes
-    scrapes: list[str] = field(default_factory=list)
-
-    # -- the sidecar's outputs --
-
-    def stderr(self) -> str:
-        return self.sidecar_err.read_text(errors="replace")
-
-    def diagnostics(self) -> str:
-        rc = self.sidecar.poll()
-        return (f"\n--- sidecar (exit {rc}) stderr ---\n{self.stderr()}"
-                f"\n--- sidecar stdout ---\n{self.sidecar_out.read_text(errors='replace')}"
-                f"\n--- fake provider stderr ---\n{self.provider_err.read_text(errors='replace')}")
-
-    def records(self) -> list[dict[str, Any]]:
-        text = self.sidecar_out.read_text()
-        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-    def wait_records(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            recs = self.records()
-            if len(recs) >= n:
-                return recs
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(recs)} usage records, wanted {n}{self.diagnostics()}")
-            time.sleep(0.02)
-
-    def alive(self) -> None:
-        assert self.sidecar.poll() is None, f"the sidecar is gone{self.diagnostics()}"
-
-    # -- Prometheus' side: from outside the pod, at the pod's address --
-
-    def get(self, path: str) -> tuple[int, str]:
-        res = self.pod.provider.run(
-            ["curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}",
-             f"{METRICS_URL}{path}"],
-            check=False, timeout=15,
-        )
-        body, _, code = res.stdout.rpartition("\n")
-        return int(code or 0), body
-
-    def scrape(self) -> dict[Sample, float]:
-        code, text = self.get("/metrics")
-        assert code == 200, f"/metrics answered {code}{self.diagnostics()}"
-        self.scrapes.append(text)
-        return parse_metrics(text)
-
-    def metrics(self) -> dict[Sample, float]:
-        """Current values, staged calls included: the first scrape releases them."""
-        self.scrape()
-        return self.scrape()
-
-    # -- the app --
-
-    def app(self, code: str, *args: str, timeout: float = 60) -> dict[str, Any]:
-        script = self.dir / f"app-{abs(hash(code))}.py"
-        if not script.exists():
-            script.write_text(code)
-            script.chmod(0o644)
-        env = {
-            **self.app_python.env,
-            "SSL_CERT_FILE": str(self.podtally_ca),
-            "OPENAI_API_KEY": OPENAI_KEY,
-            "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-        }
-        res = self.pod.run([self.app_python.executable, str(script), *args], uid=APP_UID,
-                           env=env, timeout=timeout, check=False)
-        assert res.returncode == 0, (
-            f"app exited {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-            f"{self.diagnostics()}")
-        return dict(json.loads(res.stdout.strip().splitlines()[-1]))
-
-    def exchanges(self) -> dict[str, Any]:
-        """Requests the provider received, by target (the last one per target)."""
-        return {ex.path: ex for ex in read_request_log(self.provider_log)}
-
-    def nat_counters(self) -> dict[str, int]:
-        """Packets per rule of podtally's nat chains (a nat rule sees each connection once)."""
-        out = self.pod.run(["iptables-save", "-c", "-t", "nat"]).stdout
-        counters = {}
-        for line in out.splitlines():
-            m = re.match(r"^\[(\d+):\d+\] -A (PODTALLY_\w+) (.*)$", line)
-            if m:
-                counters[f"{m[2]} {m[3]}"] = int(m[1])
-        return counters
-
-
-def _write(path: Path, data: bytes | str, mode: int = 0o644, uid: int | None = None) -> Path:
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    path.chmod(mode)
-    if uid is not None:
-        os.chown(path, uid, uid)
-    return path
-
-
 @pytest.fixture(scope="module")
 def e2e() -> Iterator[E2E]:
     hosts = {"api.openai.com": PROVIDER_ADDR, "api.anthropic.com": PROVIDER_ADDR,
              "example.test": PROVIDER_ADDR}
-    with pod_with_provider(hosts) as pod:
-        work = pod.workdir / "e2e"
-        work.mkdir(mode=0o755)
-        work.chmod(0o755)
-
-        # The provider: a real HTTPS server in its own netns, cert from the provider CA.
-        tls = make_provider_tls(pod.provider.workdir / "tls",
-                                hosts=["api.openai.com", "api.anthropic.com", "example.test"],
-                                ip_addresses=[PROVIDER_ADDR, PROVIDER_ADDR6])
-        provider_ca = _write(work / "provider-ca.pem", tls.ca_cert.read_bytes())
-        release_dir = pod.home(APP_UID)  # the app (uid 1000) creates the release files
-        routes = work / "routes.json"
-        routes.write_text(json.dumps(routes_spec(release_dir), indent=1))
-        provider_log = pod.provider.workdir / "requests.jsonl"
-        provider_ready = pod.provider.workdir / "ready.json"
-        provider_err = pod.provider.workdir / "provider.stderr"
-        provider = pod.provider.popen(
-            provider_command(routes, cert=tls.cert, key=tls.key,
-                             listen=["0.0.0.0:443", "[::]:443"], log=provider_log,
-                             ready_file=provider_ready, python=sys.executable),
-            stdout=subprocess.DEVNULL, stderr=provider_err.open("w"),
-        )
-        try:
-            wait_ready(provider_ready, provider)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}\n{provider_err.read_text()}") from None
-
-        # The namespace's podtally CA, as mounted into the sidecar (key readable by 1337 only)
-        # and, the certificate alone, into the app as its trust bundle.
-        ca_pem, ca_key = generate_ca("podtally e2e namespace CA")
-        sidecar_dir = work / "sidecar"
-        sidecar_dir.mkdir(mode=0o755)
-        ca_cert = _write(sidecar_dir / "ca.pem", ca_pem)
-        ca_key_file = _write(sidecar_dir / "ca.key", ca_key, mode=0o400, uid=PROXY_UID)
-        podtally_ca = _write(work / "podtally-ca-bundle.pem", ca_pem)
-        labels = _write(sidecar_dir / "labels", LABELS_FILE)
-
-        # Init container: the capture rules, as root in the pod.
-        init = pod.run([sys.executable, "-m", "podtally.cli", "init-iptables"], check=False)
-        assert init.returncode == 0, f"init-iptables failed:\n{init.stdout}\n{init.stderr}"
-
-        # The sidecar container, as uid 1337.
-        py = python_for_uid(PROXY_UID)
-        sidecar_out, sidecar_err = work / "sidecar.stdout", work / "sidecar.stderr"
-        sidecar = pod.popen(
-            [py.executable, "-m", "podtally.cli", "sidecar",
-             "--ca-cert", str(ca_cert), "--ca-key", str(ca_key_file),
-             "--upstream-ca-bundle", str(provider_ca), "--labels-file", str(labels),
-             "--metrics-port", str(METRICS_PORT), "--drain-timeout", str(DRAIN_TIMEOUT)],
-            uid=PROXY_UID, env={**py.env, **POD_ENV},
-            stdout=sidecar_out.open("w"), stderr=sidecar_err.open("w"),
-        )
-        env = E2E(pod=pod, dir=work, app_python=python_for_uid(APP_UID),
-                  provider_ca=provider_ca, podtally_ca=podtally_ca, provider_log=provider_log,
-                  release_dir=release_dir, sidecar=sidecar, sidecar_out=sidecar_out,
-                  sidecar_err=sidecar_err, provider_err=provider_err, ca_key_pem=ca_key)
-        deadline = time.monotonic() + 30
-        while env.get("/readyz")[0] != 200:
-            assert sidecar.poll() is None, f"sidecar exited at start{env.diagnostics()}"
-            assert time.monotonic() < deadline, f"sidecar not ready after 30s{env.diagnostics()}"
-            time.sleep(0.1)
-        try:
-            yield env
-        finally:
-            if sidecar.poll() is None:
-                sidecar.send_signal(signal.SIGKILL)
-                sidecar.wait(10)
-            provider.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                provider.wait(5)
-            shutil.rmtree(work, ignore_errors=True)
+    with metered_pod(hosts=hosts, tls_hosts=list(hosts), routes=routes_spec,
+                     app_env={"OPENAI_API_KEY": OPENAI_KEY,
+                              "ANTHROPIC_API_KEY": ANTHROPIC_KEY}) as env:
+        yield env
 
 
 @dataclass
@@ -631,13 +421,6 @@ def _exchange_for(e2e: E2E, case: Case) -> Any:
     ex = e2e.exchanges().get(case.path)
     assert ex is not None, f"the provider never got {case.path}{e2e.diagnostics()}"
     return ex
-
-
-def _value(m: dict[Sample, float], name: str, **labels: str) -> float | None:
-    """The single sample of `name` with exactly these labels' values (others ignored)."""
-    found = select(m, name, **labels)
-    assert len(found) <= 1, f"{name}{labels}: several series {found}"
-    return next(iter(found.values()), None)
 
 
 # ------------------------------------------------------------------------------ the tests

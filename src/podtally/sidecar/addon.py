@@ -173,6 +173,19 @@ class MeterAddon:
         if self.hosts.provider_for(target) is None:
             data.ignore_connection = True  # not an LLM endpoint: relayed, never decrypted
 
+    @_guarded("tls_start_client")
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        """Offer the app HTTP/2 whenever it can speak it. mitmproxy follows the client's
+        ALPN order, and httpx lists http/1.1 first; LLM providers answer h2 to whoever
+        offers it, so the app gets from the sidecar what it would get from the provider."""
+        conn = data.ssl_conn
+        if conn is None or b"h2" not in (data.context.client.alpn_offers or ()):
+            return
+        app_data = conn.get_app_data()
+        if (isinstance(app_data, dict) and app_data.get("http2")
+                and app_data.get("client_alpn") is None and app_data.get("server_alpn") is None):
+            app_data["client_alpn"] = b"h2"
+
     @_guarded("requestheaders")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         provider = self._provider(flow)
@@ -218,7 +231,9 @@ class MeterAddon:
         if call.decode is None:
             call.errors.append("unsupported content-encoding")
             call.metering = False
-        if call.usage_injected and call.parser.streaming and call.decode is not None:
+        # The stripper edits SSE text: a body encoded anyway (Accept-Encoding was dropped)
+        # passes as sent, unbuffered.
+        if call.usage_injected and call.parser.streaming and call.decode is decoder_for(""):
             call.stripper = UsageChunkStripper()
         resp.stream = functools.partial(self._on_chunk, call)
 
