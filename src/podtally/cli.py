@@ -131,5 +131,53 @@ def inject(manifest: Any, namespace: str, namespace_labels: str, operator_namesp
     click.echo(yaml.safe_dump_all(out, sort_keys=False), nl=False)
 
 
+@main.command()
+@click.option("--namespace", envvar="POD_NAMESPACE", default="podtally-system",
+              show_default=True, show_envvar=True,
+              help="The operator's namespace (webhook Secret, Lease); never injected.")
+@click.option("--webhook-port", type=int, default=9443, show_default=True,
+              help="HTTPS port of the admission webhook (POST /inject).")
+@click.option("--metrics-port", type=int, default=9090, show_default=True,
+              help="Port of /metrics, /healthz, /readyz.")
+@click.option("--webhook-service", default="podtally-webhook", show_default=True,
+              help="Service of the webhook: the serving certificate's DNS names.")
+@click.option("--webhook-config", default="podtally", show_default=True,
+              help="MutatingWebhookConfiguration whose caBundle is kept (self-managed certs).")
+@click.option("--cert-dir", type=click.Path(file_okay=False, path_type=Path),
+              default="/tmp/podtally-webhook", show_default=True,
+              help="Directory of the webhook's tls.crt/tls.key (written, or mounted).")
+@click.option("--cert-manager", is_flag=True,
+              help="cert-manager provides the certificate in --cert-dir and sets caBundle.")
+@click.option("--injection-config", type=_FILE,
+              help="YAML of injection settings (InjectionConfig fields).")
+@click.option("--injection-template", type=_FILE,
+              help="Injection template (default: the packaged one).")
+@click.option("--leader-election/--no-leader-election", default=True, show_default=True,
+              help="Reconcile only on the replica holding the Lease.")
+@click.option("--lease-name", default="podtally-operator", show_default=True)
+@click.option("--ca-validity-days", type=int, default=365, show_default=True,
+              help="Lifetime of the namespace CAs and the webhook's certificate.")
+@click.option("--ca-rotate-before-days", type=int, default=30, show_default=True,
+              help="Rotate a CA with less than this many days left.")
+@click.option("--resync-seconds", type=float, default=60.0, show_default=True,
+              help="Full reconcile period.")
+@click.option("--kubeconfig", type=_FILE, help="Out of cluster: the kubeconfig to use.")
+def operator(**kwargs: Any) -> None:
+    """Run the admission webhook and the namespace controller (in the cluster)."""
+    from podtally.control.run import OperatorSettings, load_injection_config, run
+    from podtally.injection.render import render_parts
+
+    try:
+        settings = OperatorSettings.model_validate(kwargs)
+        settings.policy()
+        config = load_injection_config(settings.injection_config)
+        render_parts(config, "probe", template_path=settings.injection_template)
+    except (ValidationError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+    except Exception as err:  # a template that does not render
+        raise click.ClickException(f"injection template: {err}") from err
+    raise SystemExit(run(settings))
+
+
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from typing import Any
 import jsonpatch
 
 from podtally.injection.decide import Decision, decide
-from podtally.injection.render import InjectionConfig, inject_pod_spec
+from podtally.injection.render import InjectionConfig, TemplatePath, inject_pod_spec
 from podtally.injection.workload import OwnerLookup, resolve_workload
 
 
@@ -28,6 +28,7 @@ def review(
     namespace_labels: Mapping[str, str],
     operator_namespace: str,
     lookup: OwnerLookup | None = None,
+    template_path: TemplatePath | None = None,
 ) -> Outcome:
     req = request_review.get("request") or {}
     uid = req.get("uid", "")
@@ -40,7 +41,7 @@ def review(
     if decision.inject:
         _, workload = resolve_workload(pod, namespace, lookup)
         mutated = inject_pod_spec(pod, config=config, workload=workload,
-                                  namespace_labels=namespace_labels)
+                                  namespace_labels=namespace_labels, template_path=template_path)
         patch = jsonpatch.make_patch(pod, mutated).patch
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
@@ -49,22 +50,40 @@ class InjectionConfig(BaseModel):
     trust_bundle: str = "podtally-trust-bundle"
     """Per-namespace ConfigMap: system CAs plus the namespace's podtally CA."""
     sidecar_resources: dict[str, Any] = Field(default_factory=lambda: {
-        "requests": {"cpu": "20m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+        "requests": {"cpu": "20m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
     init_resources: dict[str, Any] = Field(default_factory=lambda: {
         "requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}})
 
 
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    text = resources.files("podtally.injection").joinpath("template.yaml").read_text()
+TemplatePath = str | os.PathLike[str]
+
+
+def _template(path: TemplatePath | None) -> jinja2.Template:
+    """The packaged template, or the file at `path` (the chart's ConfigMap copy, which may be
+    updated in place: keyed by mtime, so an edit is picked up without a restart)."""
+    if path is None:
+        return _compile(None, 0)
+    return _compile(os.fspath(path), os.stat(path).st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _compile(path: str | None, _mtime_ns: int) -> jinja2.Template:
+    if path is None:
+        text = resources.files("podtally.injection").joinpath("template.yaml").read_text()
+    else:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
                              keep_trailing_newline=True)
     return env.from_string(text)
 
 
-def render_parts(config: InjectionConfig, workload: str) -> dict[str, Any]:
+def render_parts(
+    config: InjectionConfig, workload: str, *, template_path: TemplatePath | None = None
+) -> dict[str, Any]:
+    """The template rendered for one workload; `template_path` None is the packaged copy."""
     context = {**config.model_dump(), "workload": workload, "trust_env": TRUST_ENV}
-    parts: dict[str, Any] = yaml.safe_load(_template().render(**context))
+    parts: dict[str, Any] = yaml.safe_load(_template(template_path).render(**context))
     return parts
 
 
@@ -85,10 +104,12 @@ def inject_pod_spec(
     config: InjectionConfig,
     workload: str,
     namespace_labels: Mapping[str, str],
+    template_path: TemplatePath | None = None,
 ) -> dict[str, Any]:
-    """A pod (or a pod template: metadata + spec) with podtally injected. Pure."""
+    """A pod (or a pod template: metadata + spec) with podtally injected. Pure (but for
+    reading the template file)."""
     pod = copy.deepcopy(dict(template))
-    parts = render_parts(config, workload)
+    parts = render_parts(config, workload, template_path=template_path)
     meta = pod.setdefault("metadata", {})
     spec = pod.setdefault("spec", {})
 
