@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from podtally.control.controller import Controller, ControllerSettings, load_system_cas
 from podtally.control.desired import CaPolicy
 from podtally.control.kube import Kube
 from podtally.control.leader import LeaderElector
-from podtally.control.metrics import MetricsServer, OperatorMetrics
+from podtally.control.metrics import OperatorMetrics
 from podtally.control.webhook import Admission, NamespaceLabels, WebhookServer, kube_owner_lookup
 from podtally.injection.render import InjectionConfig, render_parts
+from podtally.metrics_server import MetricsServer
 
 log = logging.getLogger("podtally.operator")
 
@@ -130,7 +131,8 @@ def run(settings: OperatorSettings, *, stop: threading.Event | None = None) -> i
     try:
         webhook = WebhookServer(host="", port=settings.webhook_port,
                                 cert_dir=settings.cert_dir, admission=admission)
-        metrics_server = MetricsServer("", settings.metrics_port, registry, ready=webhook.ready)
+        metrics_server = MetricsServer("", settings.metrics_port, lambda: generate_latest(registry),
+                                       ready=webhook.ready)
     except OSError as err:
         log.error("cannot listen: %s", err)
         return 1

@@ -15,8 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO
 
@@ -24,59 +22,18 @@ import certifi
 from mitmproxy import options
 from mitmproxy.addons import core, errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from podtally.certs import write_mitmproxy_confdir
 from podtally.identity import identity_from, read_labels
 from podtally.metrics import Meters
+from podtally.metrics_server import MetricsServer
 from podtally.pricing import PriceBook, PricingConfigError
 from podtally.sidecar.addon import MeterAddon, PodtallyNextLayer
 from podtally.sidecar.settings import SidecarSettings
 from podtally.usage import UsageRecord
 
 log = logging.getLogger("podtally.sidecar")
-
-
-class MetricsServer:
-    """/metrics, /healthz, /readyz on a thread of its own: a busy proxy never delays a scrape."""
-
-    def __init__(self, host: str, port: int, meters: Meters, ready: Callable[[], bool]) -> None:
-        meters_, ready_ = meters, ready
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, meters_.scrape(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok = ready_()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"not found\n")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def trust_bundle(settings: SidecarSettings, into: Path) -> Path:
@@ -152,7 +109,7 @@ async def serve(
 
     draining = asyncio.Event()
     metrics = MetricsServer(
-        settings.metrics_host, settings.metrics_port, meters,
+        settings.metrics_host, settings.metrics_port, meters.scrape,
         ready=lambda: meter.ready and not draining.is_set(),
     )
     metrics.start()
