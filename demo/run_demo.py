@@ -23,7 +23,8 @@ from support.fake_provider import FakeProvider, Script, make_provider_tls, split
 from support.sidecar import SidecarProcess, base_env, free_port, sidecar_argv  # noqa: E402
 
 from podtally.certs import generate_ca  # noqa: E402
-from podtally.showback import aggregate, render_table  # noqa: E402
+from podtally.report.render import render_table  # noqa: E402
+from podtally.report.rows import aggregate  # noqa: E402
 
 DATA = ROOT / "tests" / "providers" / "testdata"
 

@@ -179,5 +179,73 @@ def operator(**kwargs: Any) -> None:
     raise SystemExit(run(settings))
 
 
+_REPORT_FORMATS = ("table", "csv", "json", "focus", "html")
+_DAY = click.DateTime(formats=["%Y-%m-%d"])
+
+
+@main.command()
+@click.option("--prometheus-url", required=True, metavar="URL",
+              help="Prometheus' base URL (its /api/v1 is queried).")
+@click.option("--start", required=True, type=_DAY, metavar="YYYY-MM-DD",
+              help="First day of the period (00:00 UTC, inclusive).")
+@click.option("--end", required=True, type=_DAY, metavar="YYYY-MM-DD",
+              help="Day after the period (00:00 UTC, exclusive).")
+@click.option("--by", "by_text", default="team,namespace,model", show_default=True,
+              metavar="LABEL,...",
+              help="Group by these of team,namespace,app,workload,service_account,model,"
+                   "provider.")
+@click.option("--format", "fmt", type=click.Choice(_REPORT_FORMATS), default="table",
+              show_default=True,
+              help="csv: the --by columns, values, a TOTAL row; focus: FinOps FOCUS 1.1 "
+                   "rows at the finest grain (--by does not apply); html: a page with charts.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file instead of standard output.")
+@click.option("--lookback", default="1h", show_default=True, metavar="DURATION",
+              help="How far before --start to look for each series' last value.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for each Prometheus answer.")
+def report(prometheus_url: str, start: Any, end: Any, by_text: str, fmt: str,
+           output: Path | None, lookback: str, timeout: float) -> None:
+    """Exact LLM usage and cost per group over [start, end), from Prometheus."""
+    from dataclasses import replace
+
+    from podtally.report.build import build_report
+    from podtally.report.formats import render_as
+    from podtally.report.period import Period, parse_duration
+    from podtally.report.prometheus import PrometheusClient, PrometheusError
+    from podtally.report.rows import parse_by
+
+    try:
+        period = Period.from_days(start.date(), end.date())
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--end'") from err
+    try:
+        by = parse_by(by_text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--by'") from err
+    try:
+        lookback_ms = parse_duration(lookback)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--lookback'") from err
+
+    try:
+        with PrometheusClient(prometheus_url, timeout=timeout) as prom:
+            result = build_report(prom, period, by=by, lookback_ms=lookback_ms,
+                                  source_name=prom.url)
+            result = replace(result, warnings=tuple(prom.warnings))
+    except PrometheusError as err:
+        raise click.ClickException(str(err)) from err
+    for warning in result.warnings:
+        click.echo(f"podtally: Prometheus warning: {warning}", err=True)
+    text = render_as(result, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise click.ClickException(f"cannot write {output}: {err}") from err
+
+
 if __name__ == "__main__":
     main()
