@@ -35,8 +35,8 @@ class BatchOutputAccumulator(BaseAccumulator):
         self.lines: list[BatchLine] = []
 
     def on_object(self, event: str, obj: dict[str, Any]) -> None:
-        if "custom_id" not in obj:
-            return  # not a batch result line
+        if "custom_id" not in obj or ("response" not in obj and "error" not in obj):
+            return  # not a batch result line (a batch input file's lines have custom_id too)
         resp = as_dict(obj.get("response"))
         if not resp:
             self.lines.append(BatchLine(CallUsage(), "chat", "error", None))

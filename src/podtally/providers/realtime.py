@@ -50,7 +50,8 @@ class RealtimeSession:
             obj = json.loads(raw)
         except ValueError:
             return None
-        if not isinstance(obj, dict):
+        # The head only pre-filters: the match may be a nested "type", so the event's own decides.
+        if not isinstance(obj, dict) or obj.get("type") != m.group(1).decode():
             return None
         kind = m.group(1).decode()
         if kind.startswith("session."):
