@@ -81,3 +81,10 @@ deploy: kind-load
 	  --set image.pullPolicy=IfNotPresent \
 	  --set injection.image.repository=$(SIDECAR_IMAGE) --set injection.image.tag=$(IMAGE_TAG) \
 	  --set injection.image.pullPolicy=IfNotPresent
+
+# The whole user story on one machine (root): helm install, the operator, admission over
+# HTTPS, pods run by the test kubelet (tests/e2e/kubelet.py), Prometheus, the FinOps queries
+# and `podtally report`. Also part of `make test`; -s prints the story as it happens.
+.PHONY: e2e
+e2e: venv system-deps
+	$(BIN)/python -m pytest tests/e2e/test_user_story.py -s -p no:cacheprovider

@@ -230,7 +230,7 @@ def _audio_frames(n: int, size: int = 32 * 1024) -> Iterator[bytes]:
 @pytest.mark.parametrize("compression", ["deflate", None], ids=["permessage-deflate", "plain"])
 def test_realtime_audio_stream_does_not_grow_the_sidecar(env: Env, sidecar: SidecarProcess,
                                                          compression: str | None) -> None:
-    n_audio = int(__import__("os").environ.get("N_AUDIO", "2000"))
+    n_audio = 2000
     t = _types()
     created, done = t.index("response.created"), t.index("response.done")
     env.realtime.script = [
@@ -261,9 +261,10 @@ def test_realtime_audio_stream_does_not_grow_the_sidecar(env: Env, sidecar: Side
 
     relayed_mib = n_audio * 32 / 1024
     grew_mib = (rss_after - rss_before) / 1024
-    # 62.5 MiB went through; a kept message history would hold all of it (and more).
-    print(f"RSS {rss_before} -> {rss_after} KiB, grew {grew_mib:.2f} MiB")
-    assert grew_mib < 16, f"sidecar RSS grew {grew_mib:.1f} MiB relaying {relayed_mib:.1f} MiB"
+    # 62.5 MiB went through; a kept message history would hold all of it (and more). Seen:
+    # 1-16 MiB of allocator and GC noise, so the bound is half of what was relayed: far
+    # above the noise, far below what retaining the frames would cost.
+    assert grew_mib < relayed_mib / 2, f"sidecar RSS grew {grew_mib:.1f} MiB relaying {relayed_mib:.1f} MiB"
 
 
 def test_non_realtime_websocket_on_an_llm_host_is_relayed_unmetered(env: Env, sidecar: SidecarProcess) -> None:
