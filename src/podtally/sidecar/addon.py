@@ -13,7 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,12 +22,12 @@ from mitmproxy.addons.next_layer import NeedsMoreData, NextLayer
 from mitmproxy.proxy import layer, layers, mode_specs
 from mitmproxy.proxy.context import Context
 
+from podtally.calls import MeteredCall, request_id
 from podtally.pricing import PriceBook
-from podtally.providers.decoding import Decoder, decoder_for
+from podtally.providers.decoding import decoder_for
 from podtally.providers.include_usage import UsageChunkStripper, add_include_usage
 from podtally.providers.realtime import RealtimeSession
 from podtally.providers.registry import (
-    CallSpec,
     HostTable,
     detect,
     operation_for,
@@ -40,26 +40,17 @@ log = logging.getLogger("podtally.sidecar")
 
 METADATA_KEY = "podtally"
 REALTIME_KEY = "podtally.realtime"
-_REQUEST_ID_HEADERS = ("x-request-id", "request-id", "apim-request-id", "x-amzn-requestid")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass
-class Call:
-    """One metered call in flight."""
+class Call(MeteredCall):
+    """One metered call in flight (podtally.calls), plus what only a proxy does: strip the
+    usage chunk it asked for."""
 
-    spec: CallSpec
-    host: str
-    started: float
-    usage_injected: bool = False
-    parser: Any = None
-    decode: Decoder | None = None
     stripper: UsageChunkStripper | None = None
-    first_token_at: float | None = None
-    metering: bool = True  # False after a fault: bytes still flow, parsing stops
     done: bool = False
-    errors: list[str] = field(default_factory=list)
 
 
 class PodtallyNextLayer(NextLayer):
@@ -224,13 +215,8 @@ class MeterAddon:
         if call is None:
             resp.stream = True
             return
-        ctype = resp.headers.get("content-type", "")
         headers = {k.lower(): v for k, v in resp.headers.items()}  # type: ignore[no-untyped-call]
-        call.parser = call.spec.parser(ctype, headers)
-        call.decode = decoder_for(resp.headers.get("content-encoding", ""))
-        if call.decode is None:
-            call.errors.append("unsupported content-encoding")
-            call.metering = False
+        call.open_response(headers)
         # The stripper edits SSE text: a body encoded anyway (Accept-Encoding was dropped)
         # passes as sent, unbuffered.
         if call.usage_injected and call.parser.streaming and call.decode is decoder_for(""):
@@ -242,12 +228,9 @@ class MeterAddon:
         out = data
         if call.metering:
             try:
-                if data and call.decode is not None:
-                    call.parser.feed(call.decode(data))
-                    if call.first_token_at is None and call.parser.saw_output:
-                        call.first_token_at = time.time()
+                call.feed(data, time.time())
             except Exception as exc:  # noqa: BLE001
-                call.metering = False
+                call.stop_metering()
                 self._fault("parse", exc)
         if call.stripper is not None:
             try:
@@ -298,42 +281,21 @@ class MeterAddon:
         resp = flow.response
         failure = flow.error.msg if flow.error is not None else None
         by_client = failure is not None and failure.startswith("Client")
-        if by_client and call.parser is not None and call.parser.ended:
+        if by_client and call.ended:
             # SDKs close the connection as soon as they read the stream's end marker,
             # often before the body's last bytes: the call was complete.
             failure, complete = None, True
-        usage = None
-        if call.parser is not None and call.metering:
-            usage = call.parser.finish(complete=complete and failure is None)
-        error = None
         if failure is not None:
-            error = "client disconnected" if by_client else "upstream error"
-        elif call.errors:
-            error = "; ".join(call.errors)
-        facts = CallFacts(
-            provider=call.spec.provider,
-            host=call.host,
-            operation=call.spec.operation,
-            request_model=call.spec.request_model,
-            streamed=bool(call.parser is not None and call.parser.streaming),
-            status=str(resp.status_code) if resp is not None else "error",
-            usage=usage,
-            started=call.started,
-            ended=time.time(),
-            first_token_at=call.first_token_at,
-            request_id=_request_id(resp),
-            usage_injected=call.usage_injected,
-            error=error,
+            failure = "client disconnected" if by_client else "upstream error"
+        headers = (
+            {k.lower(): v for k, v in resp.headers.items()}  # type: ignore[no-untyped-call]
+            if resp is not None else None
         )
-        if call.spec.family != "openai_batch":
-            return [facts]
-        # A batch output file: one call per result line, none for the download itself.
-        lines = call.parser.acc.lines if call.parser is not None and call.metering else []
-        return [
-            replace(facts, operation=line.operation, request_model=None, streamed=False,
-                    status=line.status, usage=line.usage, request_id=line.request_id)
-            for line in lines
-        ]
+        return call.facts(
+            status=str(resp.status_code) if resp is not None else "error",
+            ended=time.time(), complete=complete, failure=failure,
+            request_id=request_id(headers),
+        )
 
     # -- OpenAI Realtime over WebSocket -----------------------------------------------------
 
@@ -372,12 +334,3 @@ class MeterAddon:
             ended=now,
         )
         self.sink(build_record(self.identity, self.prices, facts))
-
-def _request_id(resp: http.Response | None) -> str | None:
-    if resp is None:
-        return None
-    for name in _REQUEST_ID_HEADERS:
-        value: str | None = resp.headers.get(name)
-        if value:
-            return value[:128]
-    return None
