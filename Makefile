@@ -5,9 +5,10 @@ PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || com
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := iptables iproute2 util-linux curl ca-certificates prometheus
+# chromium: the HTML report is opened and screenshotted headless (tests/report).
+APT_PACKAGES := iptables iproute2 util-linux curl ca-certificates prometheus chromium
 
-.PHONY: all venv system-deps test lint demo bench clean
+.PHONY: all venv system-deps ebpf-deps test lint demo bench clean
 
 all: test
 
@@ -32,12 +33,45 @@ system-deps:
 	  fi; \
 	else echo "not root: skipping Debian packages ($(APT_PACKAGES))"; fi
 
+# The eBPF agent's needs (issue 7), as root: bcc from Debian (PyPI's "bcc" is another
+# project), bpftool (tests check nothing stays loaded), kernel headers for bcc's compiler
+# (Debian's linux-headers-amd64 stand in when the running kernel ships none: tracepoints
+# and uprobes need only their common definitions), and tracefs. Then the venv sees bcc:
+# a .pth file adds a directory holding only a link to Debian's bcc package, so nothing
+# else of /usr/lib/python3/dist-packages can shadow the venv's own packages.
+EBPF_APT_PACKAGES := python3-bpfcc libbpfcc bpftool linux-headers-amd64
+KERNEL_MODULES := /lib/modules/$(shell uname -r)
+BCC_SITE := $(VENV)/debian-bpfcc
+
+ebpf-deps: venv
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(EBPF_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	  if [ ! -e $(KERNEL_MODULES)/build/include ]; then \
+	    hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+	    echo "kernel headers: $(KERNEL_MODULES)/build -> $$hdr"; \
+	    mkdir -p $(KERNEL_MODULES) && ln -sfn $$hdr $(KERNEL_MODULES)/build \
+	      && ln -sfn $${hdr%-amd64}-common $(KERNEL_MODULES)/source; \
+	  fi; \
+	  if [ ! -e /sys/kernel/tracing/uprobe_events ]; then \
+	    mount -t tracefs tracefs /sys/kernel/tracing; \
+	  fi; \
+	else echo "not root: skipping the eBPF agent's system set-up ($(EBPF_APT_PACKAGES))"; fi
+	@if [ -d /usr/lib/python3/dist-packages/bcc ]; then \
+	  mkdir -p $(BCC_SITE) && ln -sfn /usr/lib/python3/dist-packages/bcc $(BCC_SITE)/bcc && \
+	  site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  echo "../../../debian-bpfcc" > $$site/debian-bpfcc.pth; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check src tests demo $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: venv system-deps lint
+test: venv system-deps ebpf-deps lint
 	$(BIN)/python -m pytest
 
 demo: venv
@@ -45,6 +79,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/bench_sidecar.py
+	$(BIN)/python bench/bench_finops_queries.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -247,5 +247,53 @@ def report(prometheus_url: str, start: Any, end: Any, by_text: str, fmt: str,
             raise click.ClickException(f"cannot write {output}: {err}") from err
 
 
+@main.command("ebpf-agent")
+@click.option("--metrics-port", type=int, default=15091, show_default=True,
+              help="Port of /metrics, /healthz, /readyz.")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True)
+@click.option("--llm-host", "llm_hosts", multiple=True, metavar="HOST=PROVIDER",
+              help="Extra LLM endpoint to meter (globs allowed); exact names are also "
+                   "resolved for coverage. Repeatable.")
+@click.option("--llm-endpoint", "llm_endpoints", multiple=True,
+              metavar="CIDR[:PORT]=PROVIDER",
+              help="LLM endpoint addresses for coverage (unmetered connections). Repeatable.")
+@click.option("--proxy-uid", type=int, default=1337, show_default=True,
+              help="The sidecar's uid: never copied, its connections are the proxy's.")
+@click.option("--team-label", "team_labels", multiple=True, default=("team",),
+              show_default=True, help="Pod/namespace label naming the team; repeatable.")
+@click.option("--node-name", envvar="NODE_NAME", show_envvar=True,
+              help="Watch only this node's pods.")
+@click.option("--kubeconfig", type=_FILE, help="Kubeconfig (default: in-cluster).")
+@click.option("--api-server", metavar="URL", help="Explicit API server URL.")
+@click.option("--kubernetes/--no-kubernetes", default=True, show_default=True,
+              help="Read pod metadata from the API server (when one is configured).")
+@click.option("--cgroup", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Trace only tasks under this cgroup v2 directory.")
+@click.option("--ringbuf-pages", type=int, default=1024, show_default=True,
+              help="Ring buffer size in pages (a power of two); when full, events are "
+                   "dropped and counted.")
+@click.option("--libssl", multiple=True, type=_FILE,
+              help="A libssl (or static OpenSSL binary) to attach to; repeatable.")
+@click.option("--discover/--no-discover", default=True, show_default=True,
+              help="Attach to every libssl that processes map, rescanning /proc.")
+@click.option("--rescan-seconds", type=float, default=10.0, show_default=True)
+@click.option("--max-connections", type=int, default=4096, show_default=True,
+              help="TLS connections followed at once.")
+@click.option("--price-overrides", type=_FILE,
+              help="YAML/JSON per-model prices that win over the bundled table.")
+@click.option("--records/--no-records", default=True, show_default=True,
+              help="One JSON usage record per call on stdout.")
+def ebpf_agent(**kwargs: object) -> None:
+    """Run the node agent: meter OpenSSL TLS without a proxy, count unmetered connections."""
+    from podtally.ebpf.agent import main as run
+    from podtally.ebpf.settings import AgentSettings
+
+    try:
+        settings = AgentSettings.model_validate(kwargs)
+    except (ValidationError, ValueError) as err:
+        raise _fail(err) from err
+    raise SystemExit(run(settings))
+
+
 if __name__ == "__main__":
     main()

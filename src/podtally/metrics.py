@@ -14,7 +14,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from podtally.usage import UsageRecord
+from podtally.usage import Identity, UsageRecord
 
 ID_LABELS = ("namespace", "workload", "team", "app", "service_account")
 
@@ -29,7 +29,11 @@ MAX_HELD_OBSERVATIONS = 1000
 
 
 class Meters:
-    def __init__(self, registry: CollectorRegistry, *, zero_first: bool = True) -> None:
+    """The contract's metrics. `connections=True` (the eBPF agent) adds the coverage
+    counters: LLM connections by how they are metered, and the unmetered ones."""
+
+    def __init__(self, registry: CollectorRegistry, *, zero_first: bool = True,
+                 connections: bool = False) -> None:
         self.registry = registry
         self.zero_first = zero_first
         self._lock = threading.Lock()
@@ -79,6 +83,19 @@ class Meters:
             "Metering faults (traffic was passed through unaltered), by stage.",
             ("stage",), registry=registry,
         )
+        if connections:
+            self.unmetered = Counter(
+                "podtally_llm_unmetered_connections",
+                "TCP connections to LLM endpoints that no podtally sidecar meters.",
+                (*ID_LABELS, "provider"), registry=registry,
+            )
+            self.connections = Counter(
+                "podtally_llm_connections",
+                "TCP connections to LLM endpoints, by how they are metered (via: sidecar = "
+                "redirected to the pod's sidecar, proxy = the sidecar's own upstream leg, "
+                "direct = unmetered).",
+                (*ID_LABELS, "provider", "via"), registry=registry,
+            )
 
     @property
     def pending(self) -> int:
@@ -87,21 +104,34 @@ class Meters:
 
     def observe(self, rec: UsageRecord) -> None:
         with self._lock:
-            for series, amount in self._updates(rec):
-                if not self.zero_first or series in self._exposed:
-                    self._apply(series, amount)
-                    self.last_change = time.time()
-                    continue
-                name, labels = series
-                self._metric(name).labels(*labels)  # exposed at 0 until the next scrape
-                self._created.add(series)
-                held = self._pending.setdefault(series, [])
-                if name in _HISTOGRAMS:
-                    held.append(amount)
-                    if len(held) > MAX_HELD_OBSERVATIONS:  # nobody scrapes: stop holding
-                        self._release(series)
-                else:
-                    held[:] = [sum(held) + amount]  # counters: one running amount
+            self._stage(self._updates(rec))
+
+    def _stage(self, updates: list[tuple[_Series, float]]) -> None:
+        """Apply updates, or hold them until their zeros are scraped (lock held)."""
+        for series, amount in updates:
+            if not self.zero_first or series in self._exposed:
+                self._apply(series, amount)
+                self.last_change = time.time()
+                continue
+            name, labels = series
+            self._metric(name).labels(*labels)  # exposed at 0 until the next scrape
+            self._created.add(series)
+            held = self._pending.setdefault(series, [])
+            if name in _HISTOGRAMS:
+                held.append(amount)
+                if len(held) > MAX_HELD_OBSERVATIONS:  # nobody scrapes: stop holding
+                    self._release(series)
+            else:
+                held[:] = [sum(held) + amount]  # counters: one running amount
+
+    def count_connection(self, who: Identity, provider: str, via: str) -> None:
+        """One connection to an LLM endpoint (zero first, like calls)."""
+        ident = (who.namespace, who.workload, who.team, who.app, who.service_account)
+        updates: list[tuple[_Series, float]] = [(("connections", (*ident, provider, via)), 1.0)]
+        if via == "direct":
+            updates.append((("unmetered", (*ident, provider)), 1.0))
+        with self._lock:
+            self._stage(updates)
 
     def scrape(self) -> bytes:
         """The exposition for /metrics; held calls are added once their zeros are out."""

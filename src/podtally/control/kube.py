@@ -129,8 +129,8 @@ class Kube:
             return None
 
     def _list(self, fn: Callable[..., Any], *args: Any,
-              labels: Mapping[str, str] | None = None) -> list[Obj]:
-        body = self._call(fn, *args, label_selector=_selector(labels))
+              labels: Mapping[str, str] | None = None, **kwargs: Any) -> list[Obj]:
+        body = self._call(fn, *args, label_selector=_selector(labels), **kwargs)
         return [o for o in body.get("items") or [] if match_labels(o, labels)]
 
     def _delete(self, fn: Callable[..., Any], *args: Any) -> bool:
@@ -152,10 +152,22 @@ class Kube:
         return NamespaceWatch(self, timeout_seconds)
 
     def list_pods(self, namespace: str | None = None, *,
-                  labels: Mapping[str, str] | None = None) -> list[Obj]:
+                  labels: Mapping[str, str] | None = None,
+                  node: str | None = None) -> list[Obj]:
+        """Pods (of one node: `node`, checked again here like label selectors)."""
+        extra = {"field_selector": f"spec.nodeName={node}"} if node else {}
         if namespace is None:
-            return self._list(self.core.list_pod_for_all_namespaces, labels=labels)
-        return self._list(self.core.list_namespaced_pod, namespace, labels=labels)
+            pods = self._list(self.core.list_pod_for_all_namespaces, labels=labels, **extra)
+        else:
+            pods = self._list(self.core.list_namespaced_pod, namespace, labels=labels, **extra)
+        return [p for p in pods if node is None or _node_of(p) == node]
+
+    def watch_pods(self, *, node: str | None = None, timeout_seconds: int = 300) -> Watch:
+        """Pod events of all namespaces (of one node: `node`). Without a resourceVersion the
+        server first sends every existing pod as ADDED, so no list is needed before."""
+        extra = {"field_selector": f"spec.nodeName={node}"} if node else {}
+        return Watch(self, self.core.list_pod_for_all_namespaces, timeout_seconds,
+                     keep=lambda p: node is None or _node_of(p) == node, **extra)
 
     # -- Secrets and ConfigMaps --------------------------------------------------------
 
@@ -231,24 +243,30 @@ class Kube:
                                     _name(body), _ns(body), body))
 
 
-class NamespaceWatch:
-    """Namespace events as (type, object) until the server ends the stream, the read times out
+class Watch:
+    """Events as (type, object) until the server ends the stream, the read times out
     (a quiet stream is not an error), or `stop()` is called from another thread."""
 
-    def __init__(self, kube: Kube, timeout_seconds: int) -> None:
+    def __init__(self, kube: Kube, list_fn: Callable[..., Any], timeout_seconds: int, *,
+                 keep: Callable[[Obj], bool] | None = None, **kwargs: Any) -> None:
         self._kube = kube
+        self._list_fn = list_fn
         self._timeout = timeout_seconds
+        self._keep = keep
+        self._kwargs = kwargs
         self._watch = kubernetes.watch.Watch()
 
     def __iter__(self) -> Iterator[tuple[str, Obj]]:
         stream = self._watch.stream(
-            self._kube.core.list_namespace, timeout_seconds=self._timeout,
-            _request_timeout=(self._kube.timeout, self._timeout + 5))
+            self._list_fn, timeout_seconds=self._timeout,
+            _request_timeout=(self._kube.timeout, self._timeout + 5), **self._kwargs)
         try:
             for event in stream:
                 if not isinstance(event, dict) or not isinstance(event.get("raw_object"), dict):
                     continue  # keep-alive blank lines
-                yield str(event.get("type", "")), cast(Obj, event["raw_object"])
+                obj = cast(Obj, event["raw_object"])
+                if self._keep is None or self._keep(obj):
+                    yield str(event.get("type", "")), obj
         except ApiException as err:
             if err.status != 410:  # Gone: the caller lists again and re-watches
                 raise _error(err) from err
@@ -257,6 +275,16 @@ class NamespaceWatch:
 
     def stop(self) -> None:
         self._watch.stop()
+
+
+class NamespaceWatch(Watch):
+    def __init__(self, kube: Kube, timeout_seconds: int) -> None:
+        super().__init__(kube, kube.core.list_namespace, timeout_seconds)
+
+
+def _node_of(pod: Mapping[str, Any]) -> str | None:
+    node = (pod.get("spec") or {}).get("nodeName")
+    return str(node) if node else None
 
 
 def _ns(body: Mapping[str, Any]) -> str:

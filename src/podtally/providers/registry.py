@@ -74,6 +74,10 @@ class HostTable:
             else:
                 self._exact.setdefault(pattern, provider)
 
+    def exact_hosts(self) -> dict[str, str]:
+        """The names without wildcards → provider (what can be resolved to addresses)."""
+        return dict(self._exact)
+
     @staticmethod
     def parse_entry(entry: str) -> tuple[str, str]:
         host, sep, provider = entry.partition("=")

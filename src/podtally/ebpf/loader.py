@@ -1,0 +1,173 @@
+"""The only module that imports bcc: compile probes.c, attach, poll, detach.
+
+Uprobes are attached by file (an inode): every process that maps that libssl — now or
+later — is traced. `discover_ssl_targets` finds the files to attach to from what processes
+have mapped (`/proc/<pid>/maps`, through `/proc/<pid>/root` so a container's own libssl is
+found too); executables that link OpenSSL statically (Node.js) are attached when they
+export the symbols. bcc attaches through perf_event_open (no `uprobe_events` entries), so
+a killed agent leaves nothing behind: the kernel drops the probes with the file
+descriptors. `close()` detaches explicitly on a clean exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bcc import BPF  # Debian's python3-bpfcc (PyPI's "bcc" is another project)
+
+from podtally.ebpf.events import KIND_NAMES
+
+log = logging.getLogger("podtally.ebpf")
+
+ENTRY_PROBES = (("SSL_write", "pt_write_enter"), ("SSL_write_ex", "pt_write_ex_enter"),
+                ("SSL_read", "pt_read_enter"), ("SSL_read_ex", "pt_read_ex_enter"),
+                ("SSL_free", "pt_free_enter"))
+RETURN_PROBES = (("SSL_write", "pt_write_leave"), ("SSL_write_ex", "pt_write_leave"),
+                 ("SSL_read", "pt_read_leave"), ("SSL_read_ex", "pt_read_leave"))
+_LIBSSL = re.compile(r"/libssl\.so[.0-9]*$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file to attach to, as the agent can open it, and its identity (dev, inode)."""
+
+    path: str
+    key: tuple[int, int]
+
+
+def target_for(path: str) -> Target | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return Target(path, (st.st_dev, st.st_ino))
+
+
+def _mapped_files(pid: str) -> Iterator[str]:
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    yield parts[5].rstrip("\n")
+    except OSError:
+        return
+
+
+def discover_ssl_targets(proc: Path = Path("/proc")) -> list[Target]:
+    """Every libssl mapped by a running process (each file once), and the executables of
+    processes that map no libssl (candidates for a static OpenSSL)."""
+    found: dict[tuple[int, int], Target] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        files = set(_mapped_files(entry.name))
+        libs = [f for f in files if _LIBSSL.search(f.removesuffix(" (deleted)"))]
+        if not libs:
+            try:
+                exe = os.readlink(entry / "exe")
+            except OSError:
+                continue
+            libs = [exe] if exe in files else []
+        for lib in libs:
+            t = target_for(f"/proc/{entry.name}/root{lib}")
+            if t is not None and t.key not in found:
+                found[t.key] = t
+    return list(found.values())
+
+
+def has_ssl_symbols(path: str) -> bool:
+    """Whether a file exports OpenSSL's SSL_write (a libssl, or a static build)."""
+    try:
+        addr = BPF.get_user_addresses(path.encode(), b"SSL_write")
+    except Exception:  # noqa: BLE001 - bcc raises plain Exception for "not found"
+        return False
+    return bool(addr)
+
+
+class Probes:
+    """probes.c loaded into the kernel; `poll()` hands each ring-buffer record to
+    `on_record`. Not thread-safe: one thread polls and updates the maps."""
+
+    def __init__(self, on_record: Callable[[bytes], None], *, ringbuf_pages: int = 1024,
+                 proxy_uid: int = 1337, cgroup_scope: Path | None = None) -> None:
+        if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
+            raise ValueError(f"ring buffer pages must be a power of two, not {ringbuf_pages}")
+        text = resources.files("podtally.ebpf").joinpath("probes.c").read_text()
+        cflags = [f"-DRINGBUF_PAGES={ringbuf_pages}", f"-DPROXY_UID={proxy_uid}",
+                  f"-DCGROUP_FILTER={1 if cgroup_scope else 0}", "-Wno-macro-redefined"]
+        self.bpf = BPF(text=text, cflags=cflags)
+        self._closed = False
+        self.attached: dict[tuple[int, int], str] = {}
+        self.rejected: set[tuple[int, int]] = set()
+        if cgroup_scope is not None:
+            fd = os.open(cgroup_scope, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self.bpf["scope"][0] = fd
+            finally:
+                os.close(fd)
+
+        def callback(_ctx: Any, data: Any, size: int) -> int:
+            on_record(ctypes.string_at(data, size))
+            return 0
+
+        self._callback = callback  # bcc keeps only a weak reference
+        self.bpf["events"].open_ring_buffer(callback)
+
+    def attach(self, targets: Iterable[Target]) -> list[str]:
+        """Attach to each new file that has the symbols; returns the paths attached."""
+        done = []
+        for t in targets:
+            if t.key in self.attached or t.key in self.rejected:
+                continue
+            if not has_ssl_symbols(t.path):
+                self.rejected.add(t.key)
+                continue
+            try:
+                for sym, fn in ENTRY_PROBES:
+                    self._try(self.bpf.attach_uprobe, t.path, sym, fn)
+                for sym, fn in RETURN_PROBES:
+                    self._try(self.bpf.attach_uretprobe, t.path, sym, fn)
+            except Exception as exc:  # noqa: BLE001 - a file we cannot probe is skipped
+                log.warning("cannot attach to %s: %s", t.path, exc)
+                self.rejected.add(t.key)
+                continue
+            self.attached[t.key] = t.path
+            done.append(t.path)
+        return done
+
+    def _try(self, attach: Callable[..., Any], path: str, sym: str, fn: str) -> None:
+        if sym != "SSL_write" and not BPF.get_user_addresses(path.encode(), sym.encode()):
+            return  # SSL_*_ex are OpenSSL >= 1.1.1; SSL_write is required
+        attach(name=path.encode(), sym=sym.encode(), fn_name=fn.encode())
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def lost(self) -> dict[str, int]:
+        """Events dropped in the kernel so far (ring buffer or map full), by kind."""
+        out: dict[str, int] = {}
+        for key, per_cpu in self.bpf["lost"].items():
+            n = int(sum(per_cpu))
+            if n:
+                out[KIND_NAMES.get(key.value, str(key.value))] = n
+        return out
+
+    def skip_cgroup(self, cgroup_id: int) -> None:
+        """Stop copying plaintext of this cgroup (a pod whose sidecar meters it)."""
+        table = self.bpf["skip_cgroups"]
+        table[table.Key(cgroup_id)] = table.Leaf(1)
+
+    def close(self) -> None:
+        """Detach every probe and free the programs and maps."""
+        if not self._closed:
+            self._closed = True
+            self.bpf.cleanup()

@@ -1,0 +1,205 @@
+"""Runs `podtally ebpf-agent` as a real process (root), and cgroups that play pods.
+
+The agent compiles and attaches real probes; tests hand it `--cgroup` = a cgroup v2
+directory of their own (`TestCgroup`), so only processes the test put there are traced and
+every number is exact even while other tests run on the machine. A process is put into a
+cgroup before it execs (`preexec_fn`), so its first SSL call is already inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from support.sidecar import Sample, free_port, parse_metrics
+
+PREFIX = "podtally-test-"
+_NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]{{6}}$")
+
+
+def cgroup2_root() -> Path:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or …/unified in hybrid)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2":
+            return Path(parts[1])
+    raise RuntimeError("no cgroup2 hierarchy mounted")
+
+
+def libssl_of_python() -> str:
+    """The libssl this interpreter's _ssl module maps (what the apps under test use)."""
+    import ssl  # noqa: F401 - maps libssl into this process
+
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and re.search(r"/libssl\.so[.0-9]*$", parts[5]):
+            return parts[5]
+    raise RuntimeError("this Python maps no libssl")
+
+
+def _kill_all(cg: Path) -> None:
+    for _ in range(100):
+        try:
+            pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _remove_tree(root: Path) -> None:
+    dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    for d in [*dirs, root]:
+        _kill_all(d)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            d.rmdir()
+
+
+class TestCgroup:
+    """A cgroup v2 subtree of the test's own; everything in it is killed on cleanup."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        base = cgroup2_root()
+        for stale in base.glob(f"{PREFIX}*"):
+            m = _NAME.match(stale.name)
+            if m and not Path(f"/proc/{m.group(1)}").exists():
+                _remove_tree(stale)
+        self.root = base / f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+        self.root.mkdir()
+
+    def child(self, relpath: str) -> Path:
+        path = self.root / relpath
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @staticmethod
+    def joiner(path: Path) -> Callable[[], None]:
+        """A preexec_fn that moves the new process into `path`."""
+        procs = str(path / "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return join
+
+    @staticmethod
+    def move(pid: int, path: Path) -> None:
+        (path / "cgroup.procs").write_text(str(pid))
+
+    def cleanup(self) -> None:
+        _remove_tree(self.root)
+
+
+class AgentProcess:
+    """`podtally ebpf-agent` as root; stdout = usage records, scraped on 127.0.0.1."""
+
+    def __init__(self, *args: str, cgroup: Path | None, libssl: Sequence[str] = (),
+                 discover: bool = False, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "podtally.cli", "ebpf-agent",
+                "--metrics-host", "127.0.0.1", "--metrics-port", str(self.port),
+                "--discover" if discover else "--no-discover", *args]
+        if cgroup is not None:
+            argv += ["--cgroup", str(cgroup)]
+        for lib in libssl:
+            argv += ["--libssl", lib]
+        self.argv = argv
+        self.records: list[dict[str, Any]] = []
+        self.stderr_lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
+        threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _read(self, stream: Any, is_stdout: bool) -> None:
+        import json
+
+        for line in stream:
+            with self._cond:
+                if is_stdout:
+                    self.records.append(json.loads(line))
+                else:
+                    self.stderr_lines.append(line)
+                self._cond.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.stderr}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.stderr}")
+
+    def wait_records(self, n: int, timeout: float = 15) -> list[dict[str, Any]]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.records) >= n, timeout):
+                raise TimeoutError(f"{len(self.records)} records, wanted {n}:\n{self.stderr}")
+            return list(self.records)
+
+    def scrape(self) -> dict[Sample, float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
+
+    def metrics(self) -> dict[Sample, float]:
+        """Current values, staged ones included (the first scrape releases them)."""
+        self.scrape()
+        return self.scrape()
+
+    def wait_metric(self, cond: Callable[[dict[Sample, float]], bool],
+                    timeout: float = 15) -> dict[Sample, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if cond(m) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@contextlib.contextmanager
+def running_agent(*args: str, cgroup: Path | None, **kwargs: Any) -> Iterator[AgentProcess]:
+    agent = AgentProcess(*args, cgroup=cgroup, **kwargs)
+    try:
+        agent.wait_ready()
+        yield agent
+    finally:
+        rc = agent.terminate()
+        assert rc == 0, f"agent exited {rc}:\n{agent.stderr}"
