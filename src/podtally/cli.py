@@ -183,9 +183,42 @@ _REPORT_FORMATS = ("table", "csv", "json", "focus", "html")
 _DAY = click.DateTime(formats=["%Y-%m-%d"])
 
 
+def _progress_reporter(quiet: bool) -> tuple[Any, Any]:
+    """(callback for the Prometheus client, closer): a live bar on a terminal, else a line
+    per query on standard error; never on standard output, which may be the report."""
+    import sys
+
+    if quiet:
+        return None, lambda: None
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(stderr=True), transient=True)
+        tasks: dict[str, Any] = {}
+        bar.start()
+
+        def live(metric: str, done: int, total: int, samples: int) -> None:
+            if metric not in tasks:
+                tasks[metric] = bar.add_task(metric, total=max(total, 1))
+            bar.update(tasks[metric], completed=done if total else 1,
+                       description=f"{metric} ({samples:,} samples)")
+
+        return live, bar.stop
+
+    def lines(metric: str, done: int, total: int, samples: int) -> None:
+        click.echo(f"podtally: {metric}: query {done}/{total}, {samples:,} samples", err=True)
+
+    return lines, lambda: None
+
+
 @main.command()
-@click.option("--prometheus-url", required=True, metavar="URL",
+@click.option("--prometheus-url", metavar="URL",
               help="Prometheus' base URL (its /api/v1 is queried).")
+@click.option("--records", "records_path", metavar="PATH",
+              type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Instead of Prometheus: the sidecars' JSON usage records (one per line; "
+                   "- for stdin): exact per-call numbers, for reconciliation.")
 @click.option("--start", required=True, type=_DAY, metavar="YYYY-MM-DD",
               help="First day of the period (00:00 UTC, inclusive).")
 @click.option("--end", required=True, type=_DAY, metavar="YYYY-MM-DD",
@@ -196,25 +229,48 @@ _DAY = click.DateTime(formats=["%Y-%m-%d"])
                    "provider.")
 @click.option("--format", "fmt", type=click.Choice(_REPORT_FORMATS), default="table",
               show_default=True,
-              help="csv: the --by columns, values, a TOTAL row; focus: FinOps FOCUS 1.1 "
-                   "rows at the finest grain (--by does not apply); html: a page with charts.")
+              help="csv: the --by columns, values, a TOTAL row; focus: FinOps FOCUS 1.2 "
+                   "rows per day at the finest grain (--by does not apply); html: one "
+                   "self-contained page with charts.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file instead of standard output.")
+@click.option("--invoice", "invoice_text", metavar="PROVIDER=USD,...",
+              help="Chargeback: each provider's real invoice (e.g. openai=12345.67,"
+                   "anthropic=890), split over the groups by metered cost.")
+@click.option("--budgets", "budgets_path", type=_FILE, metavar="FILE",
+              help="YAML of monthly budgets per team (teams: {team: USD}): actual against "
+                   "budget and the projected month end.")
+@click.option("--as-of", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+              metavar="YYYY-MM-DD[THH:MM:SS]",
+              help="'Now' for the budgets' projection, in UTC (default: now).")
 @click.option("--lookback", default="1h", show_default=True, metavar="DURATION",
               help="How far before --start to look for each series' last value.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for each Prometheus answer.")
-def report(prometheus_url: str, start: Any, end: Any, by_text: str, fmt: str,
-           output: Path | None, lookback: str, timeout: float) -> None:
-    """Exact LLM usage and cost per group over [start, end), from Prometheus."""
+@click.option("--max-samples-per-query", type=click.IntRange(min=1), default=500_000,
+              show_default=True, help="Split the period into queries of about this many "
+                                      "samples each.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on standard error.")
+def report(prometheus_url: str | None, records_path: Path | None, start: Any, end: Any,
+           by_text: str, fmt: str, output: Path | None, invoice_text: str | None,
+           budgets_path: Path | None, as_of: Any, lookback: str, timeout: float,
+           max_samples_per_query: int, quiet: bool) -> None:
+    """Exact LLM usage and cost per group over [start, end), from Prometheus or records."""
+    import sys
     from dataclasses import replace
+    from datetime import UTC, datetime
 
+    from podtally.report.budgets import month_bounds, parse_budgets
     from podtally.report.build import build_report
+    from podtally.report.chargeback import check_invoices, parse_invoices
     from podtally.report.formats import render_as
-    from podtally.report.period import Period, parse_duration
+    from podtally.report.period import Period, iso, parse_duration
     from podtally.report.prometheus import PrometheusClient, PrometheusError
     from podtally.report.rows import parse_by
+    from podtally.report.usage_records import RecordError, read_records
 
+    if (prometheus_url is None) == (records_path is None):
+        raise click.UsageError("give one of --prometheus-url URL or --records PATH")
     try:
         period = Period.from_days(start.date(), end.date())
     except ValueError as err:
@@ -227,18 +283,78 @@ def report(prometheus_url: str, start: Any, end: Any, by_text: str, fmt: str,
         lookback_ms = parse_duration(lookback)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--lookback'") from err
-
     try:
-        with PrometheusClient(prometheus_url, timeout=timeout) as prom:
-            result = build_report(prom, period, by=by, lookback_ms=lookback_ms,
-                                  source_name=prom.url)
-            result = replace(result, warnings=tuple(prom.warnings))
-    except PrometheusError as err:
-        raise click.ClickException(str(err)) from err
+        invoices = parse_invoices(invoice_text) if invoice_text is not None else {}
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--invoice'") from err
+    budgets = None
+    if budgets_path is not None:
+        try:
+            budgets = parse_budgets(budgets_path.read_text(encoding="utf-8"), str(budgets_path))
+            month_bounds(period)
+        except (ValueError, OSError) as err:
+            raise click.BadParameter(str(err), param_hint="'--budgets'") from err
+    now = as_of.replace(tzinfo=UTC) if as_of is not None else datetime.now(UTC)
+
+    if records_path is not None:
+        name = "-" if str(records_path) == "-" else str(records_path)
+        try:
+            with click.open_file(name, encoding="utf-8", errors="replace") as lines:
+                result, stats = read_records(lines, period, by=by, source=name)
+        except OSError as err:
+            raise click.ClickException(f"cannot read {name}: {err}") from err
+        except RecordError as err:
+            raise click.ClickException(str(err)) from err
+        if not quiet:
+            click.echo(f"podtally: {name}: {stats.lines:,} lines, {stats.records:,} usage "
+                       f"records, {stats.in_period:,} in the period", err=True)
+        if not result.samples:
+            raise click.ClickException(
+                f"no usage records in {iso(period.start)} – {iso(period.end)} in {name} "
+                f"({stats.records:,} records in other periods, {len(stats.skipped):,} lines "
+                "that are not records): nothing to report")
+    else:
+        assert prometheus_url is not None
+        callback, stop = _progress_reporter(quiet)
+        try:
+            with PrometheusClient(prometheus_url, timeout=timeout, progress=callback,
+                                  max_samples_per_query=max_samples_per_query) as prom:
+                result = build_report(prom, period, by=by, lookback_ms=lookback_ms,
+                                      source_name=prom.url)
+                result = replace(result, warnings=tuple(prom.warnings))
+        except PrometheusError as err:
+            raise click.ClickException(str(err)) from err
+        finally:
+            stop()
+        if not result.samples:
+            raise click.ClickException(
+                f"Prometheus at {prometheus_url} has no samples of podtally_llm_* in "
+                f"{iso(period.start)} – {iso(period.end)}: nothing to report (is the period "
+                "right? does this Prometheus scrape the sidecars, and keep data that long?)")
+    result = replace(result, invoices=invoices, budgets=budgets, as_of=now)
+    try:
+        check_invoices(result)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--invoice'") from err
     for warning in result.warnings:
-        click.echo(f"podtally: Prometheus warning: {warning}", err=True)
-    text = render_as(result, fmt)
+        click.echo(f"podtally: warning: {warning}", err=True)
+    if not result.rows():
+        click.echo("podtally: the period has samples but no LLM usage (every counter flat)",
+                   err=True)
+    try:
+        text = render_as(result, fmt)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
     if output is None:
+        if fmt == "table" and sys.stdout.isatty():
+            from rich.console import Console
+
+            from podtally.report.render import table_renderables
+
+            console = Console()
+            for part in table_renderables(result):
+                console.print(part)
+            return
         click.echo(text, nl=False)
     else:
         try:

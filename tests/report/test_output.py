@@ -137,8 +137,10 @@ def test_json() -> None:
 def test_table_has_every_group_and_total() -> None:
     text = render_as(report(), "table")
     assert "2024-01-02T00:00:00Z – 2024-01-03T00:00:00Z" in text
-    total = [line for line in text.splitlines() if line.startswith("TOTAL")]
-    assert total and total[0].split()[-1] == "0.878676500" and total[0].split()[3] == "13"
+    total = [line.split() for line in text.splitlines() if line.strip().startswith("TOTAL")]
+    assert total == [["TOTAL"] * 3 + ["13", "400", "1,165", "0", "256", "0", "1,821",
+                                      "0.878676500"]]
+    assert "Attribution coverage: 100.0% of the cost has a known team" in text
 
 
 def test_focus_columns_and_rows() -> None:
@@ -149,12 +151,12 @@ def test_focus_columns_and_rows() -> None:
                 "BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd",
                 "ChargeCategory", "ChargeDescription", "ConsumedQuantity", "ConsumedUnit",
                 "PricingQuantity", "PricingUnit", "ServiceName", "ServiceCategory",
-                "ResourceId", "ResourceName", "SkuId", "Tags"):
+                "ResourceId", "ResourceName", "SkuId", "SkuPriceId", "Tags"):
         assert col in header
     # The finest grain, whatever --by says; no TOTAL; the error-only group is no charge.
     assert [(r["ResourceId"], r["SkuId"]) for r in rows] == [
-        ("shop/checkout", "gpt-4o-mini"), ("shop/batch", "gpt-4o-mini"),
-        ("ml/summarizer", "claude-3-5-sonnet-20240620")]
+        ("shop/checkout", "openai/gpt-4o-mini"), ("shop/batch", "openai/gpt-4o-mini"),
+        ("ml/summarizer", "anthropic/claude-3-5-sonnet-20240620")]
     checkout = rows[0]
     assert {k: checkout[k] for k in ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost",
                                      "BillingCurrency", "ChargeCategory", "ConsumedQuantity",
@@ -185,7 +187,11 @@ def test_html_page() -> None:
     csv_rows = parse_csv(render_as(report(), "csv"))
     assert parser.rows["tbody"] == csv_rows[1:-1]
     assert parser.rows["tfoot"] == [csv_rows[-1]]
-    assert parser.svgs == 2 and parser.rects == 3 + 5  # a bar per group, a bar per token type
+    # Charts: daily cost by team (a bar per team and day with cost), coverage (attributed,
+    # unattributed), by model, by token type.
+    assert parser.svgs == 4
+    assert {k: len(v) for k, v in parser.chart_rects.items()} == {
+        "daily": 2, "coverage": 2, "by-model": 3, "by-token-type": 5}
     assert "script" not in parser.tags and "http://" not in page.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+DAY_MS = 86_400_000
 
 
 @dataclass
@@ -27,6 +29,10 @@ class CounterIncrease:
     end_ms: int
     value: float = 0.0
     resets: int = 0
+    in_window: int = 0  # samples seen in [start, end)
+    # What was counted in each day of the window ([start + i days, start + i + 1 days)),
+    # by the same rule: the days add up to `value` exactly.
+    daily: dict[int, float] = field(default_factory=dict)
     _prev: float | None = None
     _last_ts: int | None = None
 
@@ -37,13 +43,20 @@ class CounterIncrease:
             return  # already seen (overlapping query ranges)
         self._last_ts = ts_ms
         prev, self._prev = self._prev, v
-        if ts_ms < self.start_ms or prev is None:
-            return  # a baseline, or the series' first sample
+        if ts_ms < self.start_ms:
+            return  # a baseline
+        self.in_window += 1
+        if prev is None:
+            return  # the series' first sample
         if v >= prev:
-            self.value += v - prev
+            gained = v - prev
         else:
             self.resets += 1
-            self.value += v
+            gained = v
+        if gained:
+            self.value += gained
+            day = (ts_ms - self.start_ms) // DAY_MS
+            self.daily[day] = self.daily.get(day, 0.0) + gained
 
     def feed_all(self, samples: Iterable[tuple[int, float]]) -> CounterIncrease:
         for ts, v in samples:

@@ -11,7 +11,7 @@ filter makes the result the same on both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -24,10 +24,16 @@ class PrometheusError(Exception):
     """Prometheus could not be reached or refused a query; the message says which."""
 
 
+# Told after each query for raw samples: (metric, ranges done, ranges planned, samples so far).
+Progress = Callable[[str, int, int, int], None]
+
+
 class PrometheusClient:
     def __init__(self, url: str, *, timeout: float = 60.0,
-                 max_samples_per_query: int = 500_000) -> None:
+                 max_samples_per_query: int = 500_000, progress: Progress | None = None
+                 ) -> None:
         self.url = url.rstrip("/")
+        self.progress = progress
         if not self.url.startswith(("http://", "https://")):
             raise PrometheusError(f"not an http(s) URL: {url!r} (e.g. http://prometheus:9090)")
         self.max_samples_per_query = max_samples_per_query
@@ -89,12 +95,19 @@ class PrometheusClient:
     def raw_samples(self, metric: str, start_ms: int, end_ms: int) -> Iterator[SeriesSamples]:
         total = self.count_samples(metric, start_ms, end_ms)
         if not total:
+            if self.progress:
+                self.progress(metric, 0, 0, 0)
             return
-        for a, b in plan_chunks(start_ms, end_ms, total, self.max_samples_per_query):
+        chunks = plan_chunks(start_ms, end_ms, total, self.max_samples_per_query)
+        seen = 0
+        for i, (a, b) in enumerate(chunks, 1):
             for series in self._result(f"{metric}[{b - a}ms]", b - 1, "matrix"):
                 samples = []
                 for ts, value in series["values"]:
                     ms = round(float(ts) * 1000)
                     if a <= ms < b:
                         samples.append((ms, float(value)))
+                seen += len(samples)
                 yield series["metric"], samples
+            if self.progress:
+                self.progress(metric, i, len(chunks), seen)

@@ -5,12 +5,30 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
+from rich import box
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from podtally.report.budgets import BudgetLine, budget_lines
 from podtally.report.build import Report
+from podtally.report.chargeback import (
+    UNATTRIBUTED,
+    UNKNOWN_TEAMS,
+    Coverage,
+    Variance,
+    charged,
+    coverage,
+    variances,
+)
 from podtally.report.period import iso
-from podtally.report.rows import Row, total_row, usd_text
+from podtally.report.rows import TOTAL, USD_QUANTUM, Row, total_row, usd, usd_text
 from podtally.usage import TOKEN_TYPES
 
 VALUE_COLUMNS = ("cost_usd", "tokens_total", *(f"tokens_{t}" for t in TOKEN_TYPES), "requests")
@@ -52,22 +70,149 @@ def render_table(rows: Sequence[Row], by: Sequence[str]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(b) for b in body[:-1]), rule, fmt(body[-1])])
 
 
-def table(report: Report) -> str:
+@dataclass(frozen=True)
+class Finance:
+    """What the report says beyond the rows: coverage, chargeback, budgets."""
+
+    coverage: Coverage
+    charged: dict[tuple[str, ...], Decimal]  # by the report's groups; empty without invoices
+    variances: list[Variance]  # empty without invoices
+    budgets: list[BudgetLine]  # empty without budgets
+
+
+def finance(report: Report) -> Finance:
+    charged_rows = charged(report, report.by)
+    lines: list[BudgetLine] = []
+    if report.budgets is not None:
+        if report.invoices:
+            actual = charged(report, ("team",))
+            teams = {g[0]: v for g, v in actual.items()}
+        else:
+            teams = {r.group[0]: usd(r.cost_usd) for r in report.rows(("team",))}
+        lines = budget_lines(teams, report.budgets, report.period,
+                             report.as_of or report.period.end)
+    return Finance(coverage(report), charged_rows,
+                   variances(report) if report.invoices else [], lines)
+
+
+def percent(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f}%"
+
+
+def money(x: Decimal | None) -> str:
+    return "—" if x is None else f"{x:,.2f}"
+
+
+def usd_dec(x: Decimal) -> str:
+    """A Decimal of USD as the rows show it: `0.003676500`."""
+    return f"{x.quantize(USD_QUANTUM):f}"
+
+
+def _title(report: Report) -> str:
     p = report.period
     title = f"LLM usage {iso(p.start)} – {iso(p.end)} (end exclusive)"
     if report.source:
         title += f", from {report.source}"
-    return f"{title}\n\n{render_table(report.rows(), report.by)}\n"
+    return title
+
+
+def table_renderables(report: Report) -> list[RenderableType]:
+    """The report as rich renderables: the rows, coverage, chargeback, budgets."""
+    rows = report.rows()
+    total = report.total(rows)
+    fin = finance(report)
+    t = Table(box=box.SIMPLE_HEAD, show_footer=True)
+    for b in report.by:
+        t.add_column(b, footer=TOTAL)
+    def tokens_of(kind: str) -> Callable[[Row], str]:
+        return lambda r: f"{r.tokens[kind]:,.0f}"
+
+    numbers: list[tuple[str, Callable[[Row], str]]] = [
+        ("requests", lambda r: f"{r.requests:,.0f}"),
+        *((f"tokens_{k}", tokens_of(k)) for k in TOKEN_TYPES),
+        ("tokens_total", lambda r: f"{r.tokens_total:,.0f}"),
+        ("cost_usd", lambda r: usd_text(r.cost_usd))]
+    for name, cell in numbers:
+        t.add_column(name, justify="right", footer=cell(total))
+    if report.invoices:
+        t.add_column("charged_usd", justify="right",
+                     footer=usd_dec(sum(fin.charged.values(), Decimal(0))))
+    for r in rows:
+        style = "yellow" if "team" in report.by and \
+            r.group[report.by.index("team")] in UNKNOWN_TEAMS else None
+        cells = [*r.group, *(cell(r) for _, cell in numbers)]
+        if report.invoices:
+            cells.append(usd_dec(fin.charged.get(r.group, Decimal(0))))
+        t.add_row(*cells, style=style)
+    out: list[RenderableType] = [Text(_title(report), style="bold"), t]
+
+    cov = fin.coverage
+    out.append(Text(f"Attribution coverage: {percent(cov.share)} of the cost has a known "
+                    "team", style="bold"))
+    c = Table(box=box.SIMPLE_HEAD)
+    c.add_column("")
+    c.add_column("cost_usd", justify="right")
+    c.add_column("share", justify="right")
+    total_usd = cov.total_usd
+    c.add_row("attributed (known team)", usd_dec(cov.attributed_usd), percent(cov.share))
+    c.add_row(UNATTRIBUTED, usd_dec(cov.unattributed_usd),
+              percent(None if not total_usd else float(cov.unattributed_usd / total_usd)),
+              style="yellow")
+    out.append(c)
+
+    if fin.variances:
+        out.append(Text("Chargeback: each invoice split over the groups by metered cost; "
+                        "invoice against estimate", style="bold"))
+        vt = Table(box=box.SIMPLE_HEAD)
+        for name in ("provider", "metered_usd", "invoice_usd", "variance_usd", "variance"):
+            vt.add_column(name, justify="left" if name == "provider" else "right")
+        for x in fin.variances:
+            vt.add_row(x.provider, usd_dec(x.metered_usd),
+                       money(x.invoice_usd) if x.invoice_usd is not None
+                       else "none: charged at the estimate",
+                       money(x.variance_usd), percent(x.variance_share))
+        out.append(vt)
+    if fin.budgets:
+        out.append(Text(f"Budgets for {report.period.start:%B %Y}: actual, and projected to "
+                        "the month's end at the run rate so far", style="bold"))
+        bt = Table(box=box.SIMPLE_HEAD)
+        for name in ("team", "actual_usd", "budget_usd", "used", "projected_usd",
+                     "projected", "status"):
+            bt.add_column(name, justify="left" if name in ("team", "status") else "right")
+        for line in fin.budgets:
+            style = {"over": "bold red", "projected over": "yellow"}.get(line.status)
+            bt.add_row(line.team, money(line.actual_usd), money(line.budget_usd),
+                       percent(line.used), money(line.projected_usd),
+                       percent(line.projected_share), line.status, style=style)
+        out.append(bt)
+    return out
+
+
+def table(report: Report) -> str:
+    """The terminal table as plain text (no colour), as wide as it needs."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=1000, color_system=None, force_terminal=False,
+                      highlight=False, emoji=False)
+    for part in table_renderables(report):
+        console.print(part)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
 def csv_text(report: Report) -> str:
-    """One row per group: the --by columns, then VALUE_COLUMNS; last, the TOTAL row."""
+    """One row per group: the --by columns, then VALUE_COLUMNS (and `charged_usd` with
+    invoices); last, the TOTAL row."""
     rows = report.rows()
+    fin_charged = charged(report, report.by)
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([*report.by, *VALUE_COLUMNS])
-    for r in [*rows, report.total(rows)]:
-        w.writerow([*r.group, *values(r).values()])
+    extra = ["charged_usd"] if report.invoices else []
+    w.writerow([*report.by, *VALUE_COLUMNS, *extra])
+    for r in rows:
+        w.writerow([*r.group, *values(r).values(),
+                    *([usd_dec(fin_charged.get(r.group, Decimal(0)))] if extra else [])])
+    total = report.total(rows)
+    w.writerow([*total.group, *values(total).values(),
+                *([usd_dec(sum(fin_charged.values(), Decimal(0)))] if extra else [])])
     return out.getvalue()
 
 
@@ -75,17 +220,53 @@ def _json_values(row: Row) -> dict[str, Any]:
     return {k: float(v) if k == "cost_usd" else v for k, v in values(row).items()}
 
 
-def json_text(report: Report) -> str:
+def json_doc(report: Report) -> dict[str, Any]:
     rows = report.rows()
-    doc = {
+    fin = finance(report)
+    cov = fin.coverage
+
+    def row_doc(r: Row) -> dict[str, Any]:
+        doc = {**dict(zip(report.by, r.group, strict=True)), **_json_values(r)}
+        if report.invoices:
+            doc["charged_usd"] = float(fin.charged.get(r.group, Decimal(0)))
+        return doc
+
+    total = _json_values(report.total(rows))
+    if report.invoices:
+        total["charged_usd"] = float(sum(fin.charged.values(), Decimal(0)))
+    doc: dict[str, Any] = {
         "period": {"start": iso(report.period.start), "end": iso(report.period.end)},
         "by": list(report.by),
         "currency": "USD",
         "source": report.source,
-        "rows": [{**dict(zip(report.by, r.group, strict=True)), **_json_values(r)}
-                 for r in rows],
-        "total": _json_values(report.total(rows)),
+        "rows": [row_doc(r) for r in rows],
+        "total": total,
+        "coverage": {"attributed_usd": float(cov.attributed_usd),
+                     "unattributed_usd": float(cov.unattributed_usd),
+                     "share": cov.share},
+        "daily_cost_by_team": {
+            "days": [iso(report.period.start + timedelta(days=i))[:10]
+                     for i in range(report.days)],
+            "teams": {team: [float(usd(v)) for v in days]
+                      for team, days in sorted(report.daily_cost("team").items())},
+        },
         "warnings": list(report.warnings),
     }
-    return json.dumps(doc, indent=2) + "\n"
+    if report.invoices:
+        doc["chargeback"] = [
+            {"provider": v.provider, "metered_usd": float(v.metered_usd),
+             "invoice_usd": None if v.invoice_usd is None else float(v.invoice_usd),
+             "variance_usd": None if v.variance_usd is None else float(v.variance_usd),
+             "variance_share": v.variance_share} for v in fin.variances]
+    if report.budgets is not None:
+        doc["budgets"] = [
+            {"team": b.team, "actual_usd": float(b.actual_usd),
+             "budget_usd": None if b.budget_usd is None else float(b.budget_usd),
+             "used": b.used, "projected_usd": float(b.projected_usd),
+             "projected_share": b.projected_share, "status": b.status}
+            for b in fin.budgets]
+    return doc
 
+
+def json_text(report: Report) -> str:
+    return json.dumps(json_doc(report), indent=2) + "\n"
