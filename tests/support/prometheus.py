@@ -37,8 +37,10 @@ def openmetrics(series: SeriesData) -> str:
 
 
 class RunningPrometheus:
-    def __init__(self, series: SeriesData, workdir: Path) -> None:
+    def __init__(self, series: SeriesData, workdir: Path, *, promtool_timeout: float = 60.0
+                 ) -> None:
         self.series = series
+        self.promtool_timeout = promtool_timeout
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +52,8 @@ class RunningPrometheus:
         source.write_text(openmetrics(self.series))
         # One block per month, not per 2 h: a month of samples takes seconds, not minutes.
         subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", "-q",
-                        "--max-block-duration=800h", str(source), str(data)], check=True, capture_output=True, timeout=60)
+                        "--max-block-duration=800h", str(source), str(data)], check=True, capture_output=True,
+                       timeout=self.promtool_timeout)
         config = self.workdir / "prometheus.yml"
         config.write_text("global: {}\n")
         log = (self.workdir / "prometheus.log").open("wb")
