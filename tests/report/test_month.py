@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,15 +30,8 @@ KNOWN = ("payments", "research", "growth")
 
 
 @pytest.fixture(scope="module")
-def calls() -> list[month.Call]:
-    return month.make_calls()
-
-
-@pytest.fixture(scope="module")
-def prometheus(calls: list[month.Call], tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[RunningPrometheus]:
-    with RunningPrometheus(month.series(calls), tmp_path_factory.mktemp("month")) as prom:
-        yield prom
+def prometheus(month_prometheus: RunningPrometheus) -> RunningPrometheus:
+    return month_prometheus
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -27,20 +27,21 @@ MAX_TEAMS = 9  # stacked series; the rest are summed as "other teams"
 PALETTE = ("#0072b2", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#000000", "#8c6bb1",
            "#6a8d2f", "#b2182b")
 UNATTRIBUTED_COLOR = "#e69f00"
+ATTRIBUTED_COLOR = "#1b7837"
 OTHER_COLOR = "#9aa3b2"
 _STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#1d2330;max-width:1200px}
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#1d2330}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.6em 0 .4em}
 .meta{color:#5b6475}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}
 .card{border:1px solid #dde1e8;border-radius:6px;padding:.6em 1em;min-width:12em}
 .card b{display:block;font-size:1.5em}
-table{border-collapse:collapse;margin-top:.5em}
-th,td{padding:.25em .7em;border-bottom:1px solid #dde1e8;text-align:left;white-space:nowrap}
+table{border-collapse:collapse;margin-top:.5em;font-size:13px}
+th,td{padding:.25em .55em;border-bottom:1px solid #dde1e8;text-align:left;white-space:nowrap}
 .scroll{overflow-x:auto}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 tfoot td{font-weight:600;border-top:2px solid #1d2330}
-tr.unattributed td{background:#fdf3dc}
+tr.unattributed td,tr.warn td{background:#fdf3dc}
 .legend span{display:inline-block;margin-right:1.2em}
 .legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
 svg text{font:12px system-ui,sans-serif;fill:#1d2330}
@@ -155,7 +156,7 @@ def coverage_chart(report: Report) -> str:
         f'<svg id="coverage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 30}" '
         f'viewBox="0 0 {width} {h + 30}" role="img" aria-label="Attribution coverage">'
         "<title>Attribution coverage</title>"
-        f'<rect x="0" y="0" width="{known_w}" height="{h}" fill="#009e73" '
+        f'<rect x="0" y="0" width="{known_w}" height="{h}" fill="{ATTRIBUTED_COLOR}" '
         f'data-label="attributed" data-value="{float(cov.attributed_usd)!r}"/>'
         f'<rect x="{known_w}" y="0" width="{round(bar_w - known_w, 1) if total else 0}" '
         f'height="{h}" fill="{UNATTRIBUTED_COLOR}" data-label="{UNATTRIBUTED}" '
@@ -189,9 +190,9 @@ def html_page(report: Report) -> str:
     models = sorted(((r.group[0], r.cost_usd) for r in report.rows(("model",))),
                     key=lambda x: (-x[1], x[0]))
     model_chart = bar_chart("Cost by model (USD)", _top(models, MAX_BARS, "more models"),
-                            lambda v: f"${v:,.4f}", "#0072b2", "by-model")
+                            lambda v: f"${v:,.4f}", "#44546a", "by-model")
     token_chart = bar_chart("Tokens by type", [(t, total.tokens[t]) for t in TOKEN_TYPES],
-                            lambda v: f"{v:,.0f}", "#56b4e9", "by-token-type")
+                            lambda v: f"{v:,.0f}", "#8794a8", "by-token-type")
 
     team_at = report.by.index("team") if "team" in report.by else None
     extra = ["charged_usd"] if report.invoices else []
@@ -231,7 +232,7 @@ def html_page(report: Report) -> str:
                             "projected", "status"], 1,
                 [([b.team, money(b.actual_usd), money(b.budget_usd), percent(b.used),
                    money(b.projected_usd), percent(b.projected_share), b.status],
-                  "unattributed" if b.status != "ok" and b.status != "no budget" else "")
+                  "warn" if b.status in ("over", "projected over") else "")
                  for b in fin.budgets]))
 
     warnings = "".join(f'<p class="meta">Warning: {escape(w)}</p>' for w in report.warnings)

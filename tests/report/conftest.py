@@ -1,0 +1,21 @@
+"""A month of calls, and a real Prometheus serving them, shared by the report's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support import month
+from support.prometheus import RunningPrometheus
+
+
+@pytest.fixture(scope="session")
+def calls() -> list[month.Call]:
+    return month.make_calls()
+
+
+@pytest.fixture(scope="session")
+def month_prometheus(calls: list[month.Call], tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[RunningPrometheus]:
+    with RunningPrometheus(month.series(calls), tmp_path_factory.mktemp("month")) as prom:
+        yield prom
