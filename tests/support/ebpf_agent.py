@@ -184,6 +184,7 @@ class AgentProcess:
             time.sleep(0.1)
 
     def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; past `timeout` the agent is killed and that is an error."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -191,7 +192,8 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise
+            raise AssertionError(f"agent still running {timeout}s after SIGTERM:\n"
+                                 f"{self.stderr}") from None
 
 
 @contextlib.contextmanager
@@ -200,6 +202,10 @@ def running_agent(*args: str, cgroup: Path | None, **kwargs: Any) -> Iterator[Ag
     try:
         agent.wait_ready()
         yield agent
-    finally:
-        rc = agent.terminate()
-        assert rc == 0, f"agent exited {rc}:\n{agent.stderr}"
+    except BaseException:
+        with contextlib.suppress(AssertionError):
+            agent.terminate(timeout=10)
+        print(f"--- agent stderr ---\n{agent.stderr}")
+        raise
+    rc = agent.terminate()
+    assert rc == 0, f"agent exited {rc}:\n{agent.stderr}"

@@ -257,19 +257,23 @@ class Watch:
         self._watch = kubernetes.watch.Watch()
 
     def __iter__(self) -> Iterator[tuple[str, Obj]]:
+        # Plain JSON, never the client's models: their validation rejects objects the
+        # server itself accepted (a container status without an image, say).
         stream = self._watch.stream(
-            self._list_fn, timeout_seconds=self._timeout,
+            self._list_fn, timeout_seconds=self._timeout, deserialize=False,
             _request_timeout=(self._kube.timeout, self._timeout + 5), **self._kwargs)
         try:
             for event in stream:
-                if not isinstance(event, dict) or not isinstance(event.get("raw_object"), dict):
+                obj = event.get("object") if isinstance(event, dict) else None
+                if not isinstance(obj, dict):
                     continue  # keep-alive blank lines
-                obj = cast(Obj, event["raw_object"])
-                if self._keep is None or self._keep(obj):
-                    yield str(event.get("type", "")), obj
+                if self._keep is None or self._keep(cast(Obj, obj)):
+                    yield str(event.get("type", "")), cast(Obj, obj)
         except ApiException as err:
             if err.status != 410:  # Gone: the caller lists again and re-watches
                 raise _error(err) from err
+        except KeyError:
+            return  # an ERROR event, which the client reads from a key it did not set
         except (urllib3.exceptions.HTTPError, OSError):
             return  # read timeout on a quiet stream, or stop() shut the socket
 

@@ -20,6 +20,7 @@ import h11
 MAX_HEAD = 64 * 1024  # request/response line plus headers
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r\n")
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
+_MAX_ROUNDS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +121,17 @@ class Http1Observer:
     def _drain(self) -> list[Event]:
         out: list[Event] = []
         try:
-            progress = True
-            while progress:
+            # Each round consumes input or ends a cycle; the bound is a safety net only.
+            for _ in range(_MAX_ROUNDS):
                 progress = self._step(self._client, out) | self._step(self._server, out)
                 if self._cycle_done():
                     self._client.start_next_cycle()
                     self._server.start_next_cycle()
                     progress = True
+                if not progress:
+                    break
+            else:
+                out += self._break("no progress")
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
             out += self._break(str(exc))
         return out
@@ -141,7 +146,7 @@ class Http1Observer:
         seen = False
         while True:
             ev = conn.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
                 return seen
             seen = True
             if isinstance(ev, h11.Request):
@@ -168,6 +173,4 @@ class Http1Observer:
                 out.append(Body(bytes(ev.data), from_client))
             elif isinstance(ev, h11.EndOfMessage):
                 out.append(End(from_client))
-            elif isinstance(ev, h11.ConnectionClosed):
-                return seen
             # InformationalResponse (100 Continue): nothing to meter.

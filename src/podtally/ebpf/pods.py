@@ -47,6 +47,9 @@ class PodWatcher:
             except (KubeError, OSError) as exc:
                 self.errors += 1
                 log.warning("pod watch: %s (retrying)", exc)
+            except Exception:  # noqa: BLE001 - the watch must outlive any one bad answer
+                self.errors += 1
+                log.exception("pod watch failed (retrying)")
             self._stop.wait(self.backoff)
 
     def _sync_once(self) -> None:
