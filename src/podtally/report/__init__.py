@@ -40,6 +40,17 @@ Values
     from podtally_llm_requests_total (every operation and status code). Groups where all
     are 0 are left out.
 
+Finance
+    `chargeback`: the attribution coverage (share of cost with a known team, `unattributed`
+    on its own row) and `--invoice` (each provider's invoice split over the groups by
+    metered cost, to the cent, with the variance per provider); `budgets`: monthly budgets
+    per team, actual and projected to the month's end. Each increase is also kept per day
+    of the period, for FOCUS' daily charges and the HTML page's chart by day.
+
+Records
+    `usage_records` builds the same report from the sidecars' JSON lines (`--records`):
+    each call on the day it started, for reconciliation with Prometheus.
+
 How
     Raw samples over [start − lookback, end), fetched by `podtally.report.prometheus` (the
     only module here doing I/O), then pure arithmetic: `increase` (per series), `build`
