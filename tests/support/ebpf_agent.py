@@ -209,3 +209,53 @@ def running_agent(*args: str, cgroup: Path | None, **kwargs: Any) -> Iterator[Ag
         raise
     rc = agent.terminate()
     assert rc == 0, f"agent exited {rc}:\n{agent.stderr}"
+
+
+# -- an app: the official openai SDK, straight to a provider (no proxy) ---------------------
+
+DATA = Path(__file__).resolve().parents[1] / "providers" / "testdata"
+
+OPENAI_APP = r'''
+import json, sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test-SECRET", max_retries=0)
+out = {}
+for case in sys.argv[2:]:
+    if case == "chat":
+        r = client.chat.completions.create(model="gpt-4o", extra_query={"case": "chat"},
+            messages=[{"role": "user", "content": "hello"}])
+        out[case] = {"model": r.model, "usage": r.usage.total_tokens}
+    elif case == "stream":
+        s = client.chat.completions.create(model="gpt-4o-mini", extra_query={"case": "stream"},
+            stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hello"}])
+        text, usage = "", None
+        for chunk in s:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage:
+                usage = chunk.usage.total_tokens
+        out[case] = {"text": text, "usage": usage}
+    elif case == "stream-no-usage":
+        s = client.chat.completions.create(model="gpt-4o-mini", extra_query={"case": "nousage"},
+            stream=True, messages=[{"role": "user", "content": "hello"}])
+        out[case] = {"chunks": sum(1 for _ in s)}
+print(json.dumps(out))
+'''
+
+
+def expected(stem: str) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads((DATA / f"{stem}.expected.json").read_text()))
+
+
+def run_openai_app(cgroup_dir: Path, base_url: str, ca: Path, *cases: str) -> dict[str, Any]:
+    """The SDK app as a process in `cgroup_dir`; returns what it printed."""
+    import json
+
+    res = subprocess.run(
+        [sys.executable, "-c", OPENAI_APP, base_url, *cases], capture_output=True, text=True,
+        env={"SSL_CERT_FILE": str(ca), "PATH": "/usr/bin:/bin", "NO_PROXY": "*"},
+        preexec_fn=TestCgroup.joiner(cgroup_dir), timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
