@@ -764,6 +764,13 @@ class RunningPod:
                 raise PodFailed(f"container {c['name']}: subPath is not implemented")
             if m["name"] not in volumes:
                 raise PodFailed(f"container {c['name']}: volume {m['name']} not in the pod")
+            bin_dir = Path(self.kubelet.image.bin_dir)
+            if bin_dir.is_relative_to(m["mountPath"]):
+                # The image is this machine's filesystem: a volume over the checkout hides
+                # `python` and `podtally` from the container, as it would in a real image.
+                raise PodFailed(f"container {c['name']}: volume {m['name']} at "
+                                f"{m['mountPath']} would hide the image's {bin_dir}; run the "
+                                "tests from a checkout outside it (e.g. not under /tmp)")
             mounts.append({"source": str(volumes[m["name"]]), "target": m["mountPath"],
                            "readonly": bool(m.get("readOnly"))})
         if automount:
