@@ -72,6 +72,7 @@ class Http1Observer:
         self._reset()
 
     def _reset(self) -> None:
+        self._head = b""
         self._client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._server = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
@@ -81,9 +82,15 @@ class Http1Observer:
                 return []
             self.broken = None  # a new request starts here: pick the stream up again
             self._reset()
-        elif data.startswith(HTTP2_PREFACE[:len(data)]) and self._fresh():
-            self.http2 = True
-            return self._break("HTTP/2 is not parsed")
+        elif self._fresh():
+            # A new connection's first bytes: HTTP/2's preface, or HTTP/1.1.
+            data, self._head = self._head + data, b""
+            if HTTP2_PREFACE.startswith(data):
+                self._head = data  # too short to tell yet
+                return []
+            if data.startswith(HTTP2_PREFACE):
+                self.http2 = True
+                return self._break("HTTP/2 is not parsed")
         try:
             self._client.receive_data(data)
         except h11.RemoteProtocolError as exc:

@@ -79,7 +79,9 @@ class Tracker:
         if ev.kind == CLOSE:
             conn = self._conns.pop(key, None)
             if conn is not None:
-                self._handle(conn, conn.observer.close(), ev.ts)
+                # A message the close cuts short is no parse failure: it is abandoned below.
+                ended = [e for e in conn.observer.close() if not isinstance(e, http1.Broken)]
+                self._handle(conn, ended, ev.ts)
                 self._abandon(conn, ev.ts, "connection closed before the response ended")
             return
         conn = self._conns.get(key)
