@@ -80,7 +80,8 @@ class Tracker:
             conn = self._conns.pop(key, None)
             if conn is not None:
                 # A message the close cuts short is no parse failure: it is abandoned below.
-                ended = [e for e in conn.observer.close() if not isinstance(e, http1.Broken)]
+                ended: list[http1.Event] = [
+                    e for e in conn.observer.close() if not isinstance(e, http1.Broken)]
                 self._handle(conn, ended, ev.ts)
                 self._abandon(conn, ev.ts, "connection closed before the response ended")
             return
