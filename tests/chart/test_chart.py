@@ -69,13 +69,20 @@ ALL_ON: dict[str, Any] = {
     "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "1m",
                        "budget": {"teams": {"payments": 500, "research": 2000}, "labels": {"routing": "finops"}}},
     "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
+    "ebpfAgent": {"enabled": True, "priorityClassName": "system-node-critical",
+                  "podAnnotations": {"prometheus.io/scrape": "true"}, "podLabels": {"tier": "node"}},
 }
 EXTERNAL_ISSUER = {"certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer",
                                                                    "group": "cert-manager.io"}}}
 SINGLE = {"operator": {"replicas": 1, "leaderElection": {"enabled": False}},
           "podDisruptionBudget": {"enabled": False}, "rbac": {"create": True},
           "webhook": {"podOptIn": {"enabled": False}}}
-LONG_NAME = {"fullnameOverride": "p" * 70}
+LONG_NAME = {"fullnameOverride": "p" * 70, "ebpfAgent": {"enabled": True}}
+# The node agent with coverage endpoints, a cgroup scope and the sidecar's own settings.
+EBPF_AGENT = {"ebpfAgent": {"enabled": True, "llmEndpoints": ["10.96.40.0/24:8000=openai_compatible"],
+                            "cgroupScope": "/sys/fs/cgroup/kubepods.slice", "ringBufferPages": 256},
+              "injection": {"llmHosts": ["vllm.ml.svc.cluster.local=openai_compatible"]},
+              "attribution": {"teamLabels": ["team", "example.com/cost-center"]}}
 # The monitoring objects' other branches: no relabelings, no interval, no warning alert.
 MONITORING_BARE = {"podMonitor": {"enabled": True, "relabelings": [], "interval": ""},
                    "prometheusRule": {"enabled": True, "budget": {"teams": {"ops": 100}, "warningRatio": 0}}}
@@ -88,6 +95,7 @@ RENDERS: dict[str, dict[str, Any]] = {
     "long-name": LONG_NAME,
     "long-release": {},
     "monitoring-bare": MONITORING_BARE,
+    "ebpf-agent": EBPF_AGENT,
 }
 # Values Helm must refuse, and a piece of its message.
 REJECTED: dict[str, tuple[dict[str, Any], str]] = {
@@ -105,6 +113,9 @@ REJECTED: dict[str, tuple[dict[str, Any], str]] = {
     "rotation-after-expiry": ({"operator": {"ca": {"validityDays": 30, "rotateBeforeDays": 30}}},
                               "rotateBeforeDays must be less than"),
     "kubernetes-1.28": ({}, "incompatible with Kubernetes v1.28"),
+    "ring-not-power-of-two": ({"ebpfAgent": {"enabled": True, "ringBufferPages": 1000}}, "ringBufferPages"),
+    "bad-llm-endpoint": ({"ebpfAgent": {"llmEndpoints": ["10.0.0.1"]}}, "llmEndpoints"),
+    "agent-typo": ({"ebpfAgent": {"enable": True}}, "additional properties 'enable' not allowed"),
 }
 RELEASES = {"long-release": "r" * 53}  # Helm's longest release name
 KUBE_VERSIONS = {"kubernetes-1.28": "1.28.9"}
@@ -509,6 +520,63 @@ def test_secure_defaults(helm: Mapping[str, Any]) -> None:
     assert context == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     assert "hostNetwork" not in pod and "hostPID" not in pod
+
+
+# --- the eBPF node agent ----------------------------------------------------------------------
+
+def test_ebpf_agent_is_off_by_default(helm: Mapping[str, Any]) -> None:
+    assert not [d for d in rendered(helm, "default") if "ebpf-agent" in d["metadata"]["name"]]
+
+
+def test_ebpf_agent_daemonset(helm: Mapping[str, Any]) -> None:
+    docs = rendered(helm, "ebpf-agent")
+    name = f"{RELEASE}-ebpf-agent"
+    ds = one(docs, "DaemonSet", name)
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "podtally", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "ebpf-agent"}
+    assert pod["hostPID"] is True and "hostNetwork" not in pod
+    assert pod["serviceAccountName"] == name
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_PTRACE",
+                                                                "SYS_RESOURCE", "DAC_READ_SEARCH"]}
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert {p: m.get("readOnly", False) for p, m in mounts.items()} == {
+        "/sys": True, "/sys/kernel/tracing": True, "/lib/modules": True, "/usr/src": True,
+        "/tmp": False}
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host == {"sys": "/sys", "tracing": "/sys/kernel/tracing", "modules": "/lib/modules",
+                    "src": "/usr/src"}
+    assert container["args"] == [
+        "--metrics-port=15091", "--proxy-uid=1337", "--ringbuf-pages=256", "--max-connections=4096",
+        "--cgroup=/sys/fs/cgroup/kubepods.slice", "--team-label=team",
+        "--team-label=example.com/cost-center", "--llm-host=vllm.ml.svc.cluster.local=openai_compatible",
+        "--llm-endpoint=10.96.40.0/24:8000=openai_compatible"]
+    assert container["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    role = one(docs, "ClusterRole", name)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = one(docs, "ClusterRoleBinding", name)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}]
+    assert one(docs, "ServiceAccount", name)["metadata"]["namespace"] == NAMESPACE
+
+
+def test_ebpf_agent_cli_accepts_the_args(helm: Mapping[str, Any]) -> None:
+    """The args parse with the real `podtally ebpf-agent` command (without running it)."""
+    from podtally.cli import main
+
+    command = main.commands["ebpf-agent"]  # type: ignore[attr-defined]
+    for case in ("ebpf-agent", "all-on"):
+        (container,) = one(rendered(helm, case), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+        args = [a for a in container["args"] if not a.startswith("--cgroup=")]  # not a dir here
+        with command.make_context("ebpf-agent", args) as ctx:
+            assert ctx.params["metrics_port"] == 15091
 
 
 # --- what gets injected ---------------------------------------------------------------------
