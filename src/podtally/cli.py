@@ -390,6 +390,9 @@ def report(prometheus_url: str | None, records_path: Path | None, start: Any, en
                    "dropped and counted.")
 @click.option("--libssl", multiple=True, type=_FILE,
               help="A libssl (or static OpenSSL binary) to attach to; repeatable.")
+@click.option("--fast-probes/--no-fast-probes", default=True, show_default=True,
+              help="Probe OpenSSL's internal write/read functions where the code matches "
+                   "(one trap per call); else the public SSL_* symbols.")
 @click.option("--discover/--no-discover", default=True, show_default=True,
               help="Attach to every libssl that processes map, rescanning /proc.")
 @click.option("--rescan-seconds", type=float, default=10.0, show_default=True)

@@ -188,12 +188,21 @@ class Agent:
         self._sync_clock()
         self.probes = Probes(self.on_record, ringbuf_pages=self.settings.ringbuf_pages,
                              proxy_uid=self.settings.proxy_uid,
-                             cgroup_scope=self.settings.cgroup)
-        for path in self.attach():
-            log.info("attached to %s", path)
+                             cgroup_scope=self.settings.cgroup,
+                             fast=self.settings.fast_probes)
+        self._log_attached(self.attach())
         if self.settings.kubernetes:
             self._start_watch()
         threading.Thread(target=self._resolver, name="resolver", daemon=True).start()
+
+    def _log_attached(self, paths: list[str]) -> None:
+        from podtally.ebpf.loader import target_for
+
+        for path in paths:
+            t = target_for(path)
+            fast = t is not None and self.probes.fast_paths.get(t.key, False)
+            log.info("attached to %s (%s)", path,
+                     "internal write/read functions" if fast else "public SSL_* symbols")
 
     def _start_watch(self) -> None:
         from podtally.control.kube import Kube
@@ -238,8 +247,7 @@ class Agent:
                     self.tracker.expire(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
                 if self.settings.discover and now >= next_scan:
                     next_scan = now + self.settings.rescan_seconds
-                    for path in self.attach():
-                        log.info("attached to %s", path)
+                    self._log_attached(self.attach())
             self.probes.poll(0)  # what the kernel already queued
             self.lost = self.probes.lost()
             self.tracker.close_all(time.clock_gettime_ns(time.CLOCK_MONOTONIC))

@@ -19,6 +19,7 @@ import h11
 
 MAX_HEAD = 64 * 1024  # request/response line plus headers
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r\n")
+_METHOD = re.compile(rb"^[A-Z]{1,10}(?: |$)")  # how a request line starts
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 _MAX_ROUNDS = 10_000
 
@@ -91,6 +92,8 @@ class Http1Observer:
             if data.startswith(HTTP2_PREFACE):
                 self.http2 = True
                 return self._break("HTTP/2 is not parsed")
+            if not _METHOD.match(data):
+                return self._break("not HTTP/1.1")  # nothing is held for other protocols
         try:
             self._client.receive_data(data)
         except h11.RemoteProtocolError as exc:

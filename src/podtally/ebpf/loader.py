@@ -23,6 +23,7 @@ from typing import Any
 
 from bcc import BPF  # Debian's python3-bpfcc (PyPI's "bcc" is another project)
 
+from podtally.ebpf import prologue
 from podtally.ebpf.events import KIND_NAMES
 
 log = logging.getLogger("podtally.ebpf")
@@ -32,6 +33,10 @@ ENTRY_PROBES = (("SSL_write", "pt_write_enter"), ("SSL_write_ex", "pt_write_ex_e
                 ("SSL_free", "pt_free_enter"))
 RETURN_PROBES = (("SSL_write", "pt_write_leave"), ("SSL_write_ex", "pt_write_leave"),
                  ("SSL_read", "pt_read_leave"), ("SSL_read_ex", "pt_read_leave"))
+# The fast path (podtally.ebpf.prologue): the internal functions behind SSL_write_ex and
+# SSL_read_ex, with the _ex argument layout.
+INTERNAL = (("SSL_write_ex", "pt_write_ex_enter", "pt_write_leave"),
+            ("SSL_read_ex", "pt_read_ex_enter", "pt_read_leave"))
 _LIBSSL = re.compile(r"/libssl\.so[.0-9]*$")
 
 
@@ -84,6 +89,36 @@ def discover_ssl_targets(proc: Path = Path("/proc")) -> list[Target]:
     return list(found.values())
 
 
+def _symbol(path: str, name: str) -> int | None:
+    try:
+        found = BPF.get_user_functions_and_addresses(path.encode(), f"^{name}$".encode())
+    except Exception:  # noqa: BLE001
+        return None
+    addrs = {int(addr) for _, addr in found}
+    return addrs.pop() if len(addrs) == 1 else None
+
+
+def internal_functions(path: str) -> dict[str, int] | None:
+    """SSL_write_ex/SSL_read_ex → the address of the internal function each wraps, when
+    both match the pattern podtally.ebpf.prologue expects; else None."""
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            segments = prologue.load_segments(f)
+            for name, _, _ in INTERNAL:
+                addr = _symbol(path, name)
+                if addr is None:
+                    return None
+                callee = prologue.wrapped_call(prologue.read_code(f, segments, addr), addr)
+                if callee is None or not prologue.starts_with_push(
+                        prologue.read_code(f, segments, callee)):
+                    return None
+                out[name] = callee
+    except OSError:
+        return None
+    return out
+
+
 def has_ssl_symbols(path: str) -> bool:
     """Whether a file exports OpenSSL's SSL_write (a libssl, or a static build)."""
     try:
@@ -98,7 +133,8 @@ class Probes:
     `on_record`. Not thread-safe: one thread polls and updates the maps."""
 
     def __init__(self, on_record: Callable[[bytes], None], *, ringbuf_pages: int = 1024,
-                 proxy_uid: int = 1337, cgroup_scope: Path | None = None) -> None:
+                 proxy_uid: int = 1337, cgroup_scope: Path | None = None,
+                 fast: bool = True) -> None:
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {ringbuf_pages}")
         text = resources.files("podtally.ebpf").joinpath("probes.c").read_text()
@@ -108,6 +144,8 @@ class Probes:
         self._closed = False
         self.attached: dict[tuple[int, int], str] = {}
         self.rejected: set[tuple[int, int]] = set()
+        self.fast = fast
+        self.fast_paths: dict[tuple[int, int], bool] = {}  # per file: internal functions?
         if cgroup_scope is not None:
             fd = os.open(cgroup_scope, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -132,10 +170,20 @@ class Probes:
                 self.rejected.add(t.key)
                 continue
             try:
-                for sym, fn in ENTRY_PROBES:
-                    self._try(self.bpf.attach_uprobe, t.path, sym, fn)
-                for sym, fn in RETURN_PROBES:
-                    self._try(self.bpf.attach_uretprobe, t.path, sym, fn)
+                fast = internal_functions(t.path) if self.fast else None
+                if fast is not None:
+                    for name, enter, leave in INTERNAL:
+                        path = t.path.encode()
+                        self.bpf.attach_uprobe(name=path, addr=fast[name], fn_name=enter.encode())
+                        self.bpf.attach_uretprobe(name=path, addr=fast[name],
+                                                  fn_name=leave.encode())
+                    self._try(self.bpf.attach_uprobe, t.path, "SSL_free", "pt_free_enter")
+                else:
+                    for sym, fn in ENTRY_PROBES:
+                        self._try(self.bpf.attach_uprobe, t.path, sym, fn)
+                    for sym, fn in RETURN_PROBES:
+                        self._try(self.bpf.attach_uretprobe, t.path, sym, fn)
+                self.fast_paths[t.key] = fast is not None
             except Exception as exc:  # noqa: BLE001 - a file we cannot probe is skipped
                 log.warning("cannot attach to %s: %s", t.path, exc)
                 self.rejected.add(t.key)

@@ -48,6 +48,9 @@ class AgentSettings(BaseModel):
     events are dropped and counted, never waited for."""
     libssl: tuple[Path, ...] = ()
     """Files to attach to besides those discovered (a libssl, or a static binary)."""
+    fast_probes: bool = True
+    """Probe the internal functions behind SSL_write_ex/SSL_read_ex when the code matches
+    (one trap per call instead of two; podtally.ebpf.prologue); False: the public symbols."""
     discover: bool = True
     """Find the libssl files (and static OpenSSL binaries) processes map, every
     rescan_seconds."""

@@ -6,8 +6,9 @@ glue the sidecar uses), and each finished call becomes `CallFacts` handed to `si
 the task that made it. Pure: no clock but the events' own timestamps, no I/O.
 
 Bounded: at most `max_connections` connections are tracked (the least recently active is
-dropped first), request bodies are held up to `max_request_body` bytes (only the few
-members detection reads matter), and connections idle longer than `idle_seconds` are let go.
+dropped first), only the bodies of metered requests are held, up to `max_request_body`
+bytes (only the few members detection reads matter), a connection that does not start
+like HTTP/1.1 holds nothing, and connections idle longer than `idle_seconds` are let go.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from dataclasses import dataclass, field
 from podtally.calls import MeteredCall, host_of, provider_of, request_id
 from podtally.ebpf import http1
 from podtally.ebpf.events import CLOSE, READ, TRUNC, WRITE, DataEvent, Task
-from podtally.providers.registry import HostTable
+from podtally.providers.registry import HostTable, operation_for
 from podtally.records import CallFacts
 
 Sink = Callable[[Task, CallFacts], None]
 Fault = Callable[[str], None]
 
 MAX_CONNECTIONS = 4096
-MAX_REQUEST_BODY = 4 * 1024 * 1024
+# Detection reads a few top-level members; bodies above 1 MiB are scanned, not parsed.
+MAX_REQUEST_BODY = 2 * 1024 * 1024
 IDLE_SECONDS = 900.0
 
 
@@ -40,6 +42,7 @@ class _Exchange:
     started: float
     body: bytearray = field(default_factory=bytearray)
     body_encoded: bool = False
+    metered: bool = False
     request_done: bool = False
     call: MeteredCall | None = None
     detected: bool = False
@@ -137,13 +140,18 @@ class Tracker:
     def _one(self, conn: _Connection, event: http1.Event, ts: int) -> None:
         if isinstance(event, http1.RequestHead):
             headers = event.headers
+            host = host_of(headers.get("host", ""))
+            provider = provider_of(self.hosts, host, tls=True, port=None, path=event.target)
             conn.exchanges.append(_Exchange(
-                method=event.method, target=event.target,
-                host=host_of(headers.get("host", "")), started=self.epoch_of(ts),
-                body_encoded="content-encoding" in headers))
+                method=event.method, target=event.target, host=host,
+                started=self.epoch_of(ts), body_encoded="content-encoding" in headers,
+                # Only a metered call's body is kept (detection reads its model, stream).
+                metered=provider is not None
+                and operation_for(provider, event.target, event.method) is not None))
         elif isinstance(event, http1.Body) and event.from_client:
             ex = self._requesting(conn)
-            if ex is not None and len(ex.body) + len(event.data) <= self.max_request_body:
+            if (ex is not None and ex.metered
+                    and len(ex.body) + len(event.data) <= self.max_request_body):
                 ex.body += event.data
         elif isinstance(event, http1.End) and event.from_client:
             ex = self._requesting(conn)
@@ -187,7 +195,7 @@ class Tracker:
         ex.detected = True
         path = ex.target
         provider = provider_of(self.hosts, ex.host, tls=True, port=None, path=path)
-        if provider is not None:
+        if provider is not None and ex.metered:
             ex.call = MeteredCall.start(provider, ex.host, ex.method, path, bytes(ex.body),
                                         ex.started, body_encoded=ex.body_encoded)
         ex.body = bytearray()
