@@ -229,7 +229,7 @@ def _progress_reporter(quiet: bool) -> tuple[Any, Any]:
                    "provider.")
 @click.option("--format", "fmt", type=click.Choice(_REPORT_FORMATS), default="table",
               show_default=True,
-              help="csv: the --by columns, values, a TOTAL row; focus: FinOps FOCUS 1.2 "
+              help="csv: the --by columns, values, a TOTAL row; focus: FinOps FOCUS 1.3 "
                    "rows per day at the finest grain (--by does not apply); html: one "
                    "self-contained page with charts.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),

@@ -1,11 +1,12 @@
-"""FOCUS 1.2 Cost and Usage columns, transcribed from the specification, and a checker.
+"""FOCUS 1.3 Cost and Usage columns, transcribed from the specification, and a checker.
 
 Source: the FinOps Open Cost and Usage Specification (FOCUS_Spec repository,
 specification/datasets/cost_and_usage/columns/*.md, "Content Constraints" of each column:
 feature level, data type, whether nulls are allowed, allowed values), and the attribute
 rules for Decimal (NumericFormat), DateTime (ISO 8601 in UTC, `YYYY-MM-DDTHH:mm:ssZ`),
-JSON (KeyValueFormat) and custom columns (`x_` prefix). Kept independent of podtally's
-writer: nothing here imports it.
+JSON (KeyValueFormat) and custom columns (`x_` prefix). 1.3 adds ServiceProviderName and
+HostProviderName (Mandatory) and deprecates ProviderName and PublisherName, which it still
+requires ("MUST be present"). Kept independent of podtally's writer: nothing here imports it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Column:
 
 
 COLUMNS: dict[str, Column] = {
+    "AllocatedMethodDetails": Column(CONDITIONAL, "JSON", True),
+    "AllocatedMethodId": Column(CONDITIONAL, "String", True),
+    "AllocatedResourceId": Column(CONDITIONAL, "String", True),
+    "AllocatedResourceName": Column(CONDITIONAL, "String", True),
+    "AllocatedTags": Column(CONDITIONAL, "JSON", True),
     "AvailabilityZone": Column(RECOMMENDED, "String", True),
     "BilledCost": Column(MANDATORY, "Decimal", False),
     "BillingAccountId": Column(MANDATORY, "String", False),
@@ -63,9 +69,11 @@ COLUMNS: dict[str, Column] = {
     "CommitmentDiscountUnit": Column(CONDITIONAL, "String", True),
     "ConsumedQuantity": Column(CONDITIONAL, "Decimal", True),
     "ConsumedUnit": Column(CONDITIONAL, "String", True),
+    "ContractApplied": Column(CONDITIONAL, "JSON", True),
     "ContractedCost": Column(MANDATORY, "Decimal", False),
     "ContractedUnitPrice": Column(CONDITIONAL, "Decimal", True),
     "EffectiveCost": Column(MANDATORY, "Decimal", False),
+    "HostProviderName": Column(MANDATORY, "String", True),
     "InvoiceId": Column(RECOMMENDED, "String", True),
     "InvoiceIssuerName": Column(MANDATORY, "String", False),
     "ListCost": Column(MANDATORY, "Decimal", False),
@@ -87,6 +95,7 @@ COLUMNS: dict[str, Column] = {
     "ResourceType": Column(CONDITIONAL, "String", True),
     "ServiceCategory": Column(MANDATORY, "String", False, SERVICE_CATEGORIES),
     "ServiceName": Column(MANDATORY, "String", False),
+    "ServiceProviderName": Column(MANDATORY, "String", False),
     "ServiceSubcategory": Column(RECOMMENDED, "String", False),
     "SkuId": Column(CONDITIONAL, "String", True),
     "SkuMeter": Column(CONDITIONAL, "String", True),

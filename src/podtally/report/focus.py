@@ -1,12 +1,14 @@
-"""The report as FOCUS 1.2 cost-and-usage rows (FinOps Open Cost and Usage Specification; pure).
+"""The report as FOCUS 1.3 cost-and-usage rows (FinOps Open Cost and Usage Specification; pure).
 
 One row per charge: per day of the period (ChargePeriodStart/End, as usage-based charges
 are recorded), at the finest grain the metrics carry — (namespace, workload, team, app,
 service_account, provider, model) — whatever --by says: FinOps tools group by `Tags`
 themselves, and a TOTAL row would be counted as a charge, so there is none.
 
-Every Mandatory column of FOCUS 1.2 is present, with the Recommended and Conditional ones
-podtally can fill; custom columns carry the spec's `x_` prefix. Types as the spec says:
+Every Mandatory column of FOCUS 1.3 is present — ServiceProviderName and HostProviderName,
+new in 1.3, and ProviderName and PublisherName, which 1.3 deprecates but still requires, so
+1.2 readers find theirs — with the Recommended and Conditional ones podtally can fill;
+custom columns carry the spec's `x_` prefix. Types as the spec says:
 Decimal as plain numbers (no exponent, no separators), DateTime as `YYYY-MM-DDTHH:mm:ssZ`,
 Tags a JSON object; an empty cell is null.
 
@@ -22,8 +24,10 @@ Mapping:
 - ConsumedQuantity = PricingQuantity = all tokens (the disjoint buckets' sum), units
   Tokens; SkuId = SkuPriceId = `<provider>/<model>`; the buckets and the call count are in
   x_ columns.
-- ProviderName = PublisherName = InvoiceIssuerName = ServiceName = BillingAccountId/Name =
-  the provider (`gen_ai.provider.name`): podtally cannot see the account the provider bills.
+- ServiceProviderName = HostProviderName (the spec allows it when the hosting is not
+  visible) = ProviderName = PublisherName = InvoiceIssuerName = ServiceName =
+  BillingAccountId/Name = the provider (`gen_ai.provider.name`): podtally cannot see the
+  account the provider bills.
 - ServiceCategory "AI and Machine Learning", ServiceSubcategory "Generative AI".
 - ResourceId `<namespace>/<workload>`, ResourceName the workload, ResourceType "Kubernetes
   Workload"; SubAccountId/Name the namespace, SubAccountType "Kubernetes Namespace".
@@ -44,18 +48,18 @@ from podtally.report.period import iso
 from podtally.report.render import count, usd_dec
 from podtally.report.rows import ID_LABELS, Row, usd
 
-VERSION = "1.2"
+VERSION = "1.3"
 GRAIN = (*ID_LABELS, "provider", "model")
 
 COLUMNS = (
     "BilledCost", "BillingAccountId", "BillingAccountName", "BillingCurrency",
     "BillingPeriodEnd", "BillingPeriodStart", "ChargeCategory", "ChargeClass",
     "ChargeDescription", "ChargeFrequency", "ChargePeriodEnd", "ChargePeriodStart",
-    "ConsumedQuantity", "ConsumedUnit", "ContractedCost", "EffectiveCost", "InvoiceIssuerName",
-    "ListCost", "PricingCategory", "PricingQuantity", "PricingUnit", "ProviderName",
-    "PublisherName", "ResourceId", "ResourceName", "ResourceType", "ServiceCategory",
-    "ServiceName", "ServiceSubcategory", "SkuId", "SkuPriceId", "SubAccountId",
-    "SubAccountName", "SubAccountType", "Tags",
+    "ConsumedQuantity", "ConsumedUnit", "ContractedCost", "EffectiveCost", "HostProviderName",
+    "InvoiceIssuerName", "ListCost", "PricingCategory", "PricingQuantity", "PricingUnit",
+    "ProviderName", "PublisherName", "ResourceId", "ResourceName", "ResourceType",
+    "ServiceCategory", "ServiceName", "ServiceProviderName", "ServiceSubcategory", "SkuId",
+    "SkuPriceId", "SubAccountId", "SubAccountName", "SubAccountType", "Tags",
 )
 CUSTOM_COLUMNS = {
     "x_Requests": "requests",
@@ -116,6 +120,7 @@ def focus_csv(report: Report) -> str:
             "ConsumedUnit": "Tokens",
             "ContractedCost": usd_dec(list_cost),
             "EffectiveCost": cost,
+            "HostProviderName": provider,
             "InvoiceIssuerName": provider,
             "ListCost": usd_dec(list_cost),
             "PricingCategory": "Standard",
@@ -128,6 +133,7 @@ def focus_csv(report: Report) -> str:
             "ResourceType": "Kubernetes Workload",
             "ServiceCategory": "AI and Machine Learning",
             "ServiceName": provider,
+            "ServiceProviderName": provider,
             "ServiceSubcategory": "Generative AI",
             "SkuId": f"{provider}/{model}",
             "SkuPriceId": f"{provider}/{model}",
