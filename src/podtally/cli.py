@@ -351,8 +351,15 @@ def report(prometheus_url: str | None, records_path: Path | None, start: Any, en
 
             from podtally.report.render import table_renderables
 
+            parts = table_renderables(result)
             console = Console()
-            for part in table_renderables(result):
+            # Never truncate a number to fit the terminal: widen to the table instead (the
+            # terminal wraps long lines; `-o` or a pipe gives plain text).
+            wide = Console(width=10_000)
+            needed = max(wide.measure(p).maximum for p in parts)
+            if needed > console.width:
+                console = Console(width=needed)
+            for part in parts:
                 console.print(part)
             return
         click.echo(text, nl=False)
