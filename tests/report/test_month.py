@@ -313,3 +313,19 @@ def test_an_invoice_without_metered_usage_is_a_clear_error(
 def test_one_source_only() -> None:
     code, _, err = run(*JAN)
     assert code == 2 and "--prometheus-url URL or --records PATH" in err
+
+
+def test_focus_from_records_conforms(calls: list[month.Call], tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text("\n".join(month.record_lines(calls)) + "\n")
+    code, out, _ = run("--records", str(records), *JAN, "--format", "focus", "-q")
+    assert code == 0
+    header = next(csv.reader(io.StringIO(out)))
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert problems(header, rows) == []
+    by_day = month.totals(calls, ("provider",), by_scrape=False)
+    for (provider,), t in by_day.items():
+        assert abs(sum(float(r["ListCost"]) for r in rows if r["ProviderName"] == provider)
+                   - t.cost_usd) < 1e-6
+        assert sum(int(r["ConsumedQuantity"]) for r in rows
+                   if r["ProviderName"] == provider) == t.tokens_total
