@@ -189,3 +189,54 @@ def test_records_carry_no_content() -> None:
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "SECRET"}]}).encode()))
     f.send(READ, response((DATA / "openai-chat.response.json").read_bytes()))
     assert "SECRET" not in repr(f.facts)
+
+
+@pytest.mark.parametrize("size", SPLITS.values(), ids=SPLITS.keys())
+def test_http1_framing(size: int) -> None:
+    """RFC 9112's cases, each split every way: HEAD, 204, 100 Continue, trailers, a body
+    until close, and a request without a body."""
+    obs = http1.Http1Observer()
+    events: list[http1.Event] = []
+
+    def client(data: bytes) -> None:
+        for piece in slices(data, size):
+            events.extend(obs.from_client(piece))
+
+    def server(data: bytes) -> None:
+        for piece in slices(data, size):
+            events.extend(obs.from_server(piece))
+
+    client(b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+           b"POST /c HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"
+           b"POST /d HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n")
+    server(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"  # HEAD: no body despite it
+           b"HTTP/1.1 204 No Content\r\n\r\n"
+           b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+    events.extend(obs.close())
+    heads = [(e.method, e.target) if isinstance(e, http1.RequestHead) else e.status
+             for e in events if isinstance(e, http1.RequestHead | http1.ResponseHead)]
+    assert heads == [("HEAD", "/a"), ("GET", "/b"), ("POST", "/c"), ("POST", "/d"),
+                     200, 204, 201, 200]
+    client_body = b"".join(e.data for e in events if isinstance(e, http1.Body) and e.from_client)
+    server_body = b"".join(e.data for e in events if isinstance(e, http1.Body)
+                           and not e.from_client)
+    assert client_body == b"hiabc" and server_body == b"until close"
+    assert sum(isinstance(e, http1.End) and e.from_client for e in events) == 4
+    assert sum(isinstance(e, http1.End) and not e.from_client for e in events) == 4
+    assert obs.broken is None
+
+
+@pytest.mark.parametrize("bad", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+], ids=["chunk-size", "negative-length", "not-http", "header"])
+def test_http1_garbage_breaks_the_stream(bad: bytes) -> None:
+    obs = http1.Http1Observer()
+    obs.from_client(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [type(e) for e in obs.from_server(bad)][-1] is http1.Broken
+    assert obs.broken is not None
+    assert obs.from_server(b"HTTP/1.1 200 OK\r\n\r\n") == []

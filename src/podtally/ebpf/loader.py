@@ -153,7 +153,10 @@ class Probes:
             finally:
                 os.close(fd)
 
+        self.records = 0
+
         def callback(_ctx: Any, data: Any, size: int) -> int:
+            self.records += 1
             on_record(ctypes.string_at(data, size))
             return 0
 
@@ -197,8 +200,12 @@ class Probes:
             return  # SSL_*_ex are OpenSSL >= 1.1.1; SSL_write is required
         attach(name=path.encode(), sym=sym.encode(), fn_name=fn.encode())
 
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
+    def drain(self) -> int:
+        """Hand every record the kernel has queued to `on_record` (never waits); returns
+        how many there were."""
+        before = self.records
+        self.bpf.ring_buffer_consume()
+        return self.records - before
 
     def lost(self) -> dict[str, int]:
         """Events dropped in the kernel so far (ring buffer or map full), by kind."""

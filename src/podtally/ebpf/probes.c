@@ -6,6 +6,9 @@
 //   PROXY_UID      the podtally sidecar's uid: its plaintext is what the sidecar meters
 //   CGROUP_FILTER  1: only tasks under the cgroup in `scope[0]` are traced
 //
+// User space drains the ring buffer on a timer (BPF_RB_NO_WAKEUP): no wake-up per event,
+// so neither the traced thread nor the agent pays for one.
+//
 // Everything is bounded: one ring buffer, hash maps with fixed maximum sizes, a per-CPU
 // scratch event, and at most MAX_PIECES * MAX_CHUNK bytes copied per SSL call (the rest is
 // counted as truncated). A full map or ring buffer loses data, never blocks the caller.
@@ -135,7 +138,7 @@ static __always_inline int leave(struct pt_regs *ctx, int is_write) {
         ev->offset = off;
         ev->len = n;
         if (bpf_probe_read_user(&ev->data, n, (void *)(args.buf + off)) != 0) ev->len = 0;
-        if (events.ringbuf_output(ev, offsetof(struct data_event, data) + n, 0) != 0)
+        if (events.ringbuf_output(ev, offsetof(struct data_event, data) + n, BPF_RB_NO_WAKEUP) != 0)
             count_lost(ev->kind);
     }
     if (total > (u64)MAX_PIECES * MAX_CHUNK) {
@@ -143,7 +146,7 @@ static __always_inline int leave(struct pt_regs *ctx, int is_write) {
         ev->kind = K_TRUNC;
         ev->offset = (u64)MAX_PIECES * MAX_CHUNK;
         ev->len = 0;
-        if (events.ringbuf_output(ev, offsetof(struct data_event, data), 0) != 0)
+        if (events.ringbuf_output(ev, offsetof(struct data_event, data), BPF_RB_NO_WAKEUP) != 0)
             count_lost(K_TRUNC);
     }
     return 0;
@@ -172,7 +175,7 @@ int pt_free_enter(struct pt_regs *ctx) {
     ev->cgroup = bpf_get_current_cgroup_id();
     ev->len = ev->total = ev->offset = 0;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
-    if (events.ringbuf_output(ev, offsetof(struct data_event, data), 0) != 0)
+    if (events.ringbuf_output(ev, offsetof(struct data_event, data), BPF_RB_NO_WAKEUP) != 0)
         count_lost(K_CLOSE);
     return 0;
 }
@@ -201,6 +204,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     else
         __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0) count_lost(K_CONNECT);
+    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0) count_lost(K_CONNECT);
     return 0;
 }
