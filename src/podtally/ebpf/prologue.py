@@ -63,7 +63,7 @@ def wrapped_call(code: bytes, vaddr: int) -> int | None:
     at = 4 if code.startswith(b"\xf3\x0f\x1e\xfa") else 0
     if code[at:at + 3] != b"\x48\x83\xec" or len(code) < at + 9 or code[at + 4] != 0xE8:
         return None
-    rel, = struct.unpack_from("<i", code, at + 5)
+    rel = int(struct.unpack_from("<i", code, at + 5)[0])
     return vaddr + at + 9 + rel
 
 
