@@ -8,6 +8,7 @@ probe is detached, and the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -293,10 +294,9 @@ class _AgentCollector(Collector):
             "Kernel events dropped because the ring buffer (or a map) was full, by kind.",
             labels=["kind"])
         if a.probes is not None:
-            try:  # read at scrape time: map reads are plain bpf() syscalls on the map's fd
+            # Read at scrape time: map reads are plain bpf() syscalls on the map's fd.
+            with contextlib.suppress(Exception):  # closing down: the last values stand
                 a.lost = a.probes.lost()
-            except Exception:  # noqa: BLE001 - closing down: the last values stand
-                pass
         for kind in ("write", "read", "close", "connect", "truncated", "call_args"):
             lost.add_metric([kind], a.lost.get(kind, 0))
         yield lost
