@@ -77,9 +77,10 @@ test: venv system-deps ebpf-deps lint
 demo: venv
 	$(BIN)/python demo/run_demo.py
 
-bench: venv
+bench: venv ebpf-deps
 	$(BIN)/python bench/bench_sidecar.py
 	$(BIN)/python bench/bench_finops_queries.py
+	$(BIN)/python bench/bench_ebpf_agent.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
