@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -42,6 +43,7 @@ class Meters:
         # Per new series: what waits for its zero to be scraped (a counter's running sum,
         # a histogram's observations).
         self._pending: dict[_Series, list[float]] = {}
+        self._children: dict[_Series, Any] = {}
         self.last_change = 0.0  # when a call last changed the exposed values
         self.last_scrape = 0.0
         self.requests = Counter(
@@ -156,7 +158,11 @@ class Meters:
 
     def _apply(self, series: _Series, amount: float) -> None:
         name, labels = series
-        child = self._metric(name).labels(*labels)
+        # labels() validates and locks on every call; the children live as long as the
+        # registry, so they are looked up once per series.
+        child = self._children.get(series)
+        if child is None:
+            child = self._children[series] = self._metric(name).labels(*labels)
         if name in _HISTOGRAMS:
             child.observe(amount)  # type: ignore[union-attr]
         else:

@@ -60,6 +60,7 @@ class Agent:
         self.skipped_cgroups: set[int] = set()
         self._cgroups: OrderedDict[int, str] = OrderedDict()
         self._who: dict[int, tuple[int, PodInfo | None]] = {}
+        self._node_ids: dict[tuple[str, str], Identity] = {}
         self._out_lock = threading.Lock()
         self._stop = threading.Event()
         self._offset = 0.0
@@ -156,7 +157,13 @@ class Agent:
     def _identity(self, task: Task, pod: PodInfo | None) -> Identity:
         if pod is not None:
             return pod.identity
-        return node_identity(task.comm, self._cgroup_path(task))
+        key = (task.comm, self._cgroup_path(task))
+        who = self._node_ids.get(key)
+        if who is None:
+            if len(self._node_ids) > _CGROUP_CACHE:
+                self._node_ids.clear()
+            who = self._node_ids[key] = node_identity(*key)
+        return who
 
     # -- coverage: LLM host names → addresses ---------------------------------------------
 
