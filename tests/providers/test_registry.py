@@ -88,6 +88,10 @@ def test_routes(provider: str, path: str, body: bytes, family: str, operation: s
         ("anthropic", "POST", "/v1/messages/count_tokens"),
         ("anthropic", "POST", "/v1/messages/batches"),
         ("gcp.gemini", "POST", "/v1beta/models/gemini-2.0-flash:countTokens"),
+        # Claude's count_tokens on Vertex (partner-models/claude/count-tokens): the model is
+        # in the body, the path names the pseudo-model `count-tokens`. Once metered as chat.
+        ("gcp.vertex_ai", "POST", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict"),
+        ("aws.bedrock", "POST", "/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/count-tokens"),
         ("aws.bedrock", "POST", "/guardrail/g1/version/1/apply"),
         ("openai", "GET", "/v1/chat/completions/chatcmpl-1"),
     ],

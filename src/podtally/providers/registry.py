@@ -158,6 +158,8 @@ _GEMINI_METHODS: dict[str, tuple[Family, str, bool]] = {
     "embedContent": ("gemini_embed", "embeddings", False),
     "batchEmbedContents": ("gemini_embed", "embeddings", False),
 }
+# Vertex serves Claude's token counting as a pseudo-model; the real model is in the body.
+_VERTEX_ANTHROPIC_COUNT_TOKENS = "count-tokens"
 _BEDROCK = re.compile(
     r"^/model/(.+)/(converse|converse-stream|invoke|invoke-with-response-stream)$"
 )
@@ -183,6 +185,8 @@ def route_for(provider: str, path: str) -> Route | None:
         if m:
             model, method = m.group(1), m.group(2)
             if "/publishers/anthropic/" in path and method in ("rawPredict", "streamRawPredict"):
+                if model == _VERTEX_ANTHROPIC_COUNT_TOKENS:
+                    return None  # Anthropic's /v1/messages/count_tokens on Vertex: not billed
                 return Route("anthropic", "chat", unquote(model), method == "streamRawPredict")
             if method in _GEMINI_METHODS:
                 family, operation, stream = _GEMINI_METHODS[method]
