@@ -747,8 +747,11 @@ def test_grafana_dashboard(helm: Mapping[str, Any]) -> None:
     assert "by (code)" in queries["Requests by code"][0]
     assert queries["p95 request latency by model"][0].startswith("histogram_quantile(0.95,")
     assert "podtally_llm_time_to_first_token_seconds_bucket" in queries["p95 time to first token by model"][0]
+    unmetered = queries["Unmetered LLM connections by workload (eBPF agent, top 10)"][0]
+    assert "by (namespace, workload, provider)" in unmetered
+    assert 'via="sidecar"' in queries["Metering coverage in range (eBPF agent)"][0]
     used = {re.sub(r"_bucket$", "", m) for q in sum(queries.values(), []) for m in re.findall(r"podtally_\w+", q)}
-    assert used <= CONTRACT_METRICS
+    assert used <= CONTRACT_METRICS | {"podtally_llm_connections_total"}
 
 
 def test_grafana_queries_parse(helm: Mapping[str, Any], tmp_path: Path) -> None:
