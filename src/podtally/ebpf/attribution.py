@@ -174,14 +174,28 @@ class PodIndex:
             self._rebuild()
 
     def upsert(self, pod: Mapping[str, Any]) -> None:
+        """One pod added or changed (a watch event): only its own entries are recomputed."""
+        uid = str((pod.get("metadata") or {}).get("uid"))
+        ns = str((pod.get("metadata") or {}).get("namespace") or "default")
         with self._lock:
-            self._pods[str((pod.get("metadata") or {}).get("uid"))] = pod
-            self._rebuild()
+            self._drop(uid)
+            self._pods[uid] = pod
+            info = self._info[uid] = pod_info(pod, self._namespaces.get(ns), self.team_labels)
+            self._by_container.update(dict.fromkeys(info.container_ids, uid))
+            self.generation += 1
 
     def delete(self, pod: Mapping[str, Any]) -> None:
         with self._lock:
-            self._pods.pop(str((pod.get("metadata") or {}).get("uid")), None)
-            self._rebuild()
+            self._drop(str((pod.get("metadata") or {}).get("uid")))
+            self.generation += 1
+
+    def _drop(self, uid: str) -> None:
+        self._pods.pop(uid, None)
+        old = self._info.pop(uid, None)
+        if old is not None:
+            for cid in old.container_ids:
+                if self._by_container.get(cid) == uid:
+                    del self._by_container[cid]
 
     def set_namespace(self, namespace: Mapping[str, Any], deleted: bool = False) -> None:
         meta = namespace.get("metadata") or {}
