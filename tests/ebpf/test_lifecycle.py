@@ -163,13 +163,14 @@ def test_nothing_stays_attached_after_exit(cgroup: TestCgroup, sig: signal.Signa
 
 def test_discovery_attaches_to_the_libssl_a_running_process_maps(
         cgroup: TestCgroup, provider: Provider, tmp_path: Path) -> None:
-    """Started after the app, with no --libssl: the agent finds the libssl files processes
-    map in /proc (through /proc/<pid>/root, as it would a container's) and meters the
-    app's next call."""
+    """Started after the app and before it loads libssl (ssl is imported after the gate),
+    with no --libssl: the agent finds the libssl files in the app's filesystem and what
+    processes map (through /proc/<pid>/root, as it would a container's) and meters the
+    app's call."""
     gate = tmp_path / "gate"
     app = subprocess.Popen(
         [sys.executable, "-c",
-         "import os, ssl, sys, time\n"
+         "import os, sys, time\n"
          f"while not os.path.exists({str(gate)!r}): time.sleep(0.05)\n"
          "import openai\n"
          f"c = openai.OpenAI(base_url={provider.base_url!r}, api_key='k', max_retries=0)\n"

@@ -65,6 +65,7 @@ class Agent:
         self._stop = threading.Event()
         self._offset = 0.0
         self.probes: Any = None
+        self._discovery: Any = None
         self.watcher: Any = None
         self.tracker = Tracker(self.hosts, self._on_facts, self._fault,
                                epoch_of=self._epoch_of,
@@ -186,11 +187,13 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------
 
     def attach(self) -> list[str]:
-        from podtally.ebpf.loader import discover_ssl_targets, target_for
+        from podtally.ebpf.loader import Discovery, target_for
 
         targets = [t for t in (target_for(str(p)) for p in self.settings.libssl) if t]
         if self.settings.discover:
-            targets += discover_ssl_targets()
+            if self._discovery is None:
+                self._discovery = Discovery()
+            targets += self._discovery.scan()
         return list(self.probes.attach(targets))
 
     def start(self) -> None:

@@ -1,12 +1,12 @@
 """The only module that imports bcc: compile probes.c, attach, poll, detach.
 
 Uprobes are attached by file (an inode): every process that maps that libssl — now or
-later — is traced. `discover_ssl_targets` finds the files to attach to from what processes
-have mapped (`/proc/<pid>/maps`, through `/proc/<pid>/root` so a container's own libssl is
-found too); executables that link OpenSSL statically (Node.js) are attached when they
-export the symbols. bcc attaches through perf_event_open (no `uprobe_events` entries), so
-a killed agent leaves nothing behind: the kernel drops the probes with the file
-descriptors. `close()` detaches explicitly on a clean exit.
+later — is traced. `Discovery` finds the files to attach to: the libssl files in each
+container's library directories and what processes have mapped, through
+`/proc/<pid>/root` so a container's own libssl is found; executables that link OpenSSL
+statically (Node.js) are attached when they export the symbols. bcc attaches through
+perf_event_open (no `uprobe_events` entries), so a killed agent leaves nothing behind: the
+kernel drops the probes with the file descriptors. `close()` detaches explicitly on a clean exit.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def target_for(path: str) -> Target | None:
     return Target(path, (st.st_dev, st.st_ino))
 
 
-def _mapped_files(pid: str) -> Iterator[str]:
+def _mapped_files(pid: str, proc: Path = Path("/proc")) -> Iterator[str]:
     try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+        with open(f"{proc}/{pid}/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 parts = line.split(None, 5)
                 if len(parts) == 6 and parts[5].startswith("/"):
@@ -67,26 +67,57 @@ def _mapped_files(pid: str) -> Iterator[str]:
         return
 
 
-def discover_ssl_targets(proc: Path = Path("/proc")) -> list[Target]:
-    """Every libssl mapped by a running process (each file once), and the executables of
-    processes that map no libssl (candidates for a static OpenSSL)."""
-    found: dict[tuple[int, int], Target] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        files = set(_mapped_files(entry.name))
+# Where distributions keep libssl: looked at once per mount namespace (each container's
+# filesystem), so a process that loads libssl late (Python imports ssl lazily) is covered.
+LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
+            "lib/aarch64-linux-gnu", "usr/lib64", "lib64", "usr/lib", "lib", "usr/local/lib",
+            "usr/local/ssl/lib")
+
+
+class Discovery:
+    """Finds the files to attach to, cheaply enough to run every few seconds: each mount
+    namespace's library directories once, and each process' mapped files once (a libssl,
+    or, when it maps none, its executable: a candidate static OpenSSL build)."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.proc = proc
+        self._pids: set[str] = set()
+        self._namespaces: set[str] = set()
+
+    def scan(self) -> list[Target]:
+        found: dict[tuple[int, int], Target] = {}
+        pids = {e.name for e in self.proc.iterdir() if e.name.isdigit()}
+        for pid in sorted(pids - self._pids):
+            for path in self._new_paths(pid):
+                t = target_for(path)
+                if t is not None:
+                    found.setdefault(t.key, t)
+        self._pids = pids  # the dead are forgotten: pids are reused
+        return list(found.values())
+
+    def _new_paths(self, pid: str) -> Iterator[str]:
+        root = f"{self.proc}/{pid}/root"
+        try:
+            ns = os.readlink(f"{self.proc}/{pid}/ns/mnt")
+        except OSError:
+            return
+        if ns not in self._namespaces:
+            self._namespaces.add(ns)
+            for d in LIB_DIRS:
+                try:
+                    names = os.listdir(f"{root}/{d}")
+                except OSError:
+                    continue
+                yield from (f"{root}/{d}/{n}" for n in names if _LIBSSL.search("/" + n))
+        files = set(_mapped_files(pid, self.proc))
         libs = [f for f in files if _LIBSSL.search(f.removesuffix(" (deleted)"))]
         if not libs:
             try:
-                exe = os.readlink(entry / "exe")
+                exe = os.readlink(f"{self.proc}/{pid}/exe")
             except OSError:
-                continue
+                return
             libs = [exe] if exe in files else []
-        for lib in libs:
-            t = target_for(f"/proc/{entry.name}/root{lib}")
-            if t is not None and t.key not in found:
-                found[t.key] = t
-    return list(found.values())
+        yield from (f"{root}{lib}" for lib in libs)
 
 
 def _symbol(path: str, name: str) -> int | None:
