@@ -46,7 +46,8 @@ def test_usage_excerpt(case: str, split: int | None) -> None:
     assert usage.service_tier == expected["service_tier"]
     assert usage.tokens is not None
     assert usage.tokens.as_dict() == expected["tokens"]
-    assert usage.tokens.total == expected["reported_total"]
+    if "reported_total" in expected:
+        assert usage.tokens.total == expected["reported_total"]
 
 
 def test_every_excerpt_has_a_source() -> None:

@@ -10,7 +10,8 @@ from podtally.usage import Tokens
 
 
 def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = True) -> Tokens:
-    """OpenAI usage shapes into disjoint buckets (contract: token buckets table).
+    """OpenAI usage shapes into disjoint buckets (contract: token buckets table, plus
+    `cache_write_tokens`, which OpenAI reports since GPT-5.6 and OpenRouter passes on).
 
     OpenAI counts reasoning inside completion_tokens; xAI reports it beside them
     (`reasoning_in_completion=False`). A completion smaller than its reasoning can only
@@ -28,19 +29,24 @@ def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = 
         )
     if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
         prompt = as_int(usage.get("input_tokens"))
-        cached = as_int(as_dict(usage.get("input_tokens_details")).get("cached_tokens"))
+        prompt_details = as_dict(usage.get("input_tokens_details"))
         completion = as_int(usage.get("output_tokens"))
         reasoning = as_int(as_dict(usage.get("output_tokens_details")).get("reasoning_tokens"))
     else:  # chat completions, legacy completions, embeddings
         prompt = as_int(usage.get("prompt_tokens"))
-        cached = as_int(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens"))
+        prompt_details = as_dict(usage.get("prompt_tokens_details"))
         completion = as_int(usage.get("completion_tokens"))
         reasoning = as_int(
             as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
         )
+    cached = as_int(prompt_details.get("cached_tokens"))
+    # GPT-5.6 and later bill cache writes (1.25x input) and report them beside the reads;
+    # both are parts of the prompt count, so both come out of `input`.
+    written = max(0, min(as_int(prompt_details.get("cache_write_tokens")), prompt - cached))
     if reasoning_in_completion and completion >= reasoning:
         completion -= reasoning
-    return Tokens(input=prompt - cached, cache_read=cached, output=completion, reasoning=reasoning)
+    return Tokens(input=prompt - cached - written, cache_read=cached, cache_write=written,
+                  output=completion, reasoning=reasoning)
 
 
 class OpenAIAccumulator(BaseAccumulator):
