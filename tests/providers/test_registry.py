@@ -72,6 +72,13 @@ def test_bad_host_entry(entry: str) -> None:
         ("ollama", "/api/generate", b'{"model":"llama3.2","stream":false}', "ollama", "text_completion", "llama3.2", False),
         ("ollama", "/v1/chat/completions", b'{"model":"llama3.2"}', "openai", "chat", "llama3.2", False),
         ("anthropic", "/v1/messages", b'{"model":"claude-sonnet-4-5","stream":true}', "anthropic", "chat", "claude-sonnet-4-5", True),
+        # Anthropic's OpenAI SDK compatibility layer (base_url https://api.anthropic.com/v1/).
+        ("anthropic", "/v1/chat/completions", b'{"model":"claude-opus-4-6"}', "openai", "chat", "claude-opus-4-6", False),
+        # The Messages API served by others: DeepSeek (base_url https://api.deepseek.com/anthropic,
+        # api-docs.deepseek.com/guides/anthropic_api), Claude on Azure Foundry, Ollama.
+        ("deepseek", "/anthropic/v1/messages", b'{"model":"deepseek-v4-pro","stream":true}', "anthropic", "chat", "deepseek-v4-pro", True),
+        ("azure.ai.openai", "/anthropic/v1/messages", b'{"model":"claude-sonnet-4-5"}', "anthropic", "chat", "claude-sonnet-4-5", False),
+        ("ollama", "/v1/messages", b'{"model":"qwen3-coder"}', "anthropic", "chat", "qwen3-coder", False),
     ],
 )
 def test_routes(provider: str, path: str, body: bytes, family: str, operation: str, model: str, stream: bool) -> None:

@@ -178,8 +178,12 @@ def _openai_route(path: str) -> Route | None:
 def route_for(provider: str, path: str) -> Route | None:
     """The route of a request path for a provider, or None if it is not a metered call."""
     path = path.split("?", 1)[0].rstrip("/")
+    if path.endswith("/v1/messages"):
+        # The Messages API wherever it is served: Anthropic, and the Anthropic-compatible
+        # endpoints of others (DeepSeek's /anthropic, Claude on Azure Foundry, Ollama, vLLM).
+        return Route("anthropic", "chat")
     if provider == "anthropic":
-        return Route("anthropic", "chat") if path.endswith("/v1/messages") else None
+        return _openai_route(path)  # Anthropic's OpenAI SDK compatibility (/v1/chat/completions)
     if provider in ("gcp.gemini", "gcp.vertex_ai"):
         m = _GOOGLE_MODEL.search(path)
         if m:
