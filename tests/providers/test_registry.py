@@ -62,6 +62,13 @@ def test_bad_host_entry(entry: str) -> None:
         ("gcp.vertex_ai", "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash-001:streamGenerateContent", b"{}", "gemini", "generate_content", "gemini-2.0-flash-001", True),
         ("gcp.vertex_ai", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-3-5-sonnet-v2@20241022:rawPredict", b"{}", "anthropic", "chat", "claude-3-5-sonnet-v2@20241022", False),
         ("gcp.vertex_ai", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict", b"{}", "anthropic", "chat", "claude-sonnet-4@20250514", True),
+        # Partner models on Vertex answer rawPredict in their own OpenAI-shaped format.
+        ("gcp.vertex_ai", "/v1/projects/p/locations/us-central1/publishers/mistralai/models/mistral-large-2411:rawPredict", b'{"model":"mistral-large-2411"}', "openai", "chat", "mistral-large-2411", False),
+        ("gcp.vertex_ai", "/v1/projects/p/locations/us-central1/publishers/mistralai/models/codestral-2501:streamRawPredict", b"{}", "openai", "chat", "codestral-2501", True),
+        # Tuned Gemini: a Vertex endpoint, or a Gemini API tunedModel; the response's
+        # modelVersion then names the model.
+        ("gcp.vertex_ai", "/v1/projects/p/locations/us-central1/endpoints/1234567890:generateContent", b"{}", "gemini", "generate_content", "1234567890", False),
+        ("gcp.gemini", "/v1beta/tunedModels/my-tuned-model-abc:streamGenerateContent?alt=sse", b"{}", "gemini", "generate_content", "my-tuned-model-abc", True),
         ("aws.bedrock", "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse", b"{}", "bedrock_converse", "chat", "anthropic.claude-3-haiku-20240307-v1:0", False),
         ("aws.bedrock", "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream", b"{}", "bedrock_converse", "chat", "us.anthropic.claude-3-7-sonnet-20250219-v1:0", True),
         ("aws.bedrock", "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.meta.llama3-2-1b-instruct-v1%3A0/invoke", b"{}", "bedrock_invoke", "chat", "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.meta.llama3-2-1b-instruct-v1:0", False),
@@ -95,6 +102,8 @@ def test_routes(provider: str, path: str, body: bytes, family: str, operation: s
         ("anthropic", "POST", "/v1/messages/count_tokens"),
         ("anthropic", "POST", "/v1/messages/batches"),
         ("gcp.gemini", "POST", "/v1beta/models/gemini-2.0-flash:countTokens"),
+        ("gcp.vertex_ai", "POST", "/v1/projects/p/locations/us-central1/endpoints/1234567890:rawPredict"),
+        ("gcp.vertex_ai", "POST", "/v1/projects/p/locations/us-central1/publishers/google/models/imagen-3.0-generate-002:predict"),
         # Claude's count_tokens on Vertex (partner-models/claude/count-tokens): the model is
         # in the body, the path names the pseudo-model `count-tokens`. Once metered as chat.
         ("gcp.vertex_ai", "POST", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict"),

@@ -150,8 +150,9 @@ _OPENAI_SUFFIXES = (
 )
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 _FILE_CONTENT = re.compile(r"/files/[^/]+/content$")
-# Gemini API and Vertex: .../models/{model}:{method}
-_GOOGLE_MODEL = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
+# Gemini API and Vertex: .../models/{model}:{method}; also tuned models (Gemini API
+# tunedModels/{id}, Vertex endpoints/{id}), whose response names the base model.
+_GOOGLE_MODEL = re.compile(r"/(?:models|tunedModels|endpoints)/([^/:]+):([A-Za-z]+)$")
 _GEMINI_METHODS: dict[str, tuple[Family, str, bool]] = {
     "generateContent": ("gemini", "generate_content", False),
     "streamGenerateContent": ("gemini", "generate_content", True),
@@ -188,10 +189,17 @@ def route_for(provider: str, path: str) -> Route | None:
         m = _GOOGLE_MODEL.search(path)
         if m:
             model, method = m.group(1), m.group(2)
-            if "/publishers/anthropic/" in path and method in ("rawPredict", "streamRawPredict"):
-                if model == _VERTEX_ANTHROPIC_COUNT_TOKENS:
-                    return None  # Anthropic's /v1/messages/count_tokens on Vertex: not billed
-                return Route("anthropic", "chat", unquote(model), method == "streamRawPredict")
+            if "/publishers/" in path and method in ("rawPredict", "streamRawPredict"):
+                stream = method == "streamRawPredict"
+                if "/publishers/anthropic/" in path:
+                    if model == _VERTEX_ANTHROPIC_COUNT_TOKENS:
+                        return None  # Anthropic's /v1/messages/count_tokens on Vertex: not billed
+                    return Route("anthropic", "chat", unquote(model), stream)
+                if "/publishers/google/" not in path:
+                    # Partner models (Mistral, AI21) take and return their own chat
+                    # completions, OpenAI-shaped.
+                    return Route("openai", "chat", unquote(model), stream)
+                return None
             if method in _GEMINI_METHODS:
                 family, operation, stream = _GEMINI_METHODS[method]
                 return Route(family, operation, unquote(model), stream)
