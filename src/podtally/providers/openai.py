@@ -14,17 +14,23 @@ def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = 
     `cache_write_tokens`, which OpenAI reports since GPT-5.6 and OpenRouter passes on).
 
     OpenAI counts reasoning inside completion_tokens; xAI reports it beside them
-    (`reasoning_in_completion=False`). A completion smaller than its reasoning can only
-    mean the latter, whoever serves it.
+    (`reasoning_in_completion=False`). Where the usage carries its own total, the total
+    says which it is, whoever serves it (see `_reasoning_inside`).
     """
     if "prompt_cache_hit_tokens" in usage or "prompt_cache_miss_tokens" in usage:  # DeepSeek
+        prompt = as_int(usage.get("prompt_tokens"))
+        hit = as_int(usage.get("prompt_cache_hit_tokens"))
+        miss = usage.get("prompt_cache_miss_tokens")
         completion = as_int(usage.get("completion_tokens"))
         details = as_dict(usage.get("completion_tokens_details"))
         reasoning = as_int(details.get("reasoning_tokens") or usage.get("reasoning_tokens"))
+        if _reasoning_inside(usage, prompt, completion, reasoning, default=True):
+            completion -= reasoning
         return Tokens(
-            input=as_int(usage.get("prompt_cache_miss_tokens")),
-            cache_read=as_int(usage.get("prompt_cache_hit_tokens")),
-            output=completion - reasoning,
+            # prompt_tokens = hit + miss (DeepSeek's docs); a relay may drop the miss.
+            input=as_int(miss) if miss is not None else max(prompt - hit, 0),
+            cache_read=hit,
+            output=completion,
             reasoning=reasoning,
         )
     if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
@@ -43,10 +49,30 @@ def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = 
     # GPT-5.6 and later bill cache writes (1.25x input) and report them beside the reads;
     # both are parts of the prompt count, so both come out of `input`.
     written = max(0, min(as_int(prompt_details.get("cache_write_tokens")), prompt - cached))
-    if reasoning_in_completion and completion >= reasoning:
+    if _reasoning_inside(usage, prompt, completion, reasoning, default=reasoning_in_completion):
         completion -= reasoning
     return Tokens(input=prompt - cached - written, cache_read=cached, cache_write=written,
                   output=completion, reasoning=reasoning)
+
+
+def _reasoning_inside(
+    usage: dict[str, Any], prompt: int, completion: int, reasoning: int, *, default: bool
+) -> bool:
+    """Whether completion_tokens (output_tokens) already contains the reasoning tokens.
+
+    OpenAI's total is prompt + completion, reasoning inside; xAI's is prompt + completion +
+    reasoning. A total matching one of the two decides; otherwise the provider's known
+    convention, and a completion smaller than its reasoning cannot contain it.
+    """
+    if not reasoning:
+        return False
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        if total == prompt + completion:
+            return completion >= reasoning
+        if total == prompt + completion + reasoning:
+            return False
+    return default and completion >= reasoning
 
 
 class OpenAIAccumulator(BaseAccumulator):
