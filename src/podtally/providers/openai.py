@@ -10,8 +10,7 @@ from podtally.usage import Tokens
 
 
 def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = True) -> Tokens:
-    """OpenAI usage shapes into disjoint buckets (contract: token buckets table, plus
-    `cache_write_tokens`, which OpenAI reports since GPT-5.6 and OpenRouter passes on).
+    """OpenAI usage shapes into disjoint buckets (contract: token buckets table).
 
     OpenAI counts reasoning inside completion_tokens; xAI reports it beside them
     (`reasoning_in_completion=False`). Where the usage carries its own total, the total
@@ -45,14 +44,14 @@ def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = 
         reasoning = as_int(
             as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
         )
+    # GPT-5.6 and later also report cache_write_tokens (billed at 1.25x input) beside the
+    # reads. The contract's OpenAI row keeps them in `input` (input = prompt - cached,
+    # cache_write = 0), so they are deliberately not split out; the README says so.
     cached = as_int(prompt_details.get("cached_tokens"))
-    # GPT-5.6 and later bill cache writes (1.25x input) and report them beside the reads;
-    # both are parts of the prompt count, so both come out of `input`.
-    written = max(0, min(as_int(prompt_details.get("cache_write_tokens")), prompt - cached))
     if _reasoning_inside(usage, prompt, completion, reasoning, default=reasoning_in_completion):
         completion -= reasoning
-    return Tokens(input=prompt - cached - written, cache_read=cached, cache_write=written,
-                  output=completion, reasoning=reasoning)
+    return Tokens(input=prompt - cached, cache_read=cached, output=completion,
+                  reasoning=reasoning)
 
 
 def _reasoning_inside(
