@@ -14,7 +14,8 @@ def calls() -> list[month.Call]:
     return month.make_calls()
 
 
-@pytest.fixture(scope="session")
+# Per module: no Prometheus outlives the tests that read it.
+@pytest.fixture(scope="module")
 def month_prometheus(calls: list[month.Call], tmp_path_factory: pytest.TempPathFactory
                      ) -> Iterator[RunningPrometheus]:
     with RunningPrometheus(month.series(calls), tmp_path_factory.mktemp("month")) as prom:
