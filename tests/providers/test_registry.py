@@ -19,6 +19,7 @@ from podtally.providers.registry import HostTable, detect, provider_for_plain_ht
         ("aiplatform.googleapis.com", "gcp.vertex_ai"),
         ("bedrock-runtime.us-east-1.amazonaws.com", "aws.bedrock"),
         ("bedrock-runtime-fips.us-gov-west-1.amazonaws.com", "aws.bedrock"),
+        ("bedrock-mantle.us-east-1.api.aws", "aws.bedrock"),
         ("api.deepseek.com", "deepseek"),
         ("api.mistral.ai", "mistral_ai"),
         ("api.groq.com", "groq"),
@@ -73,6 +74,9 @@ def test_bad_host_entry(entry: str) -> None:
         ("aws.bedrock", "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream", b"{}", "bedrock_converse", "chat", "us.anthropic.claude-3-7-sonnet-20250219-v1:0", True),
         ("aws.bedrock", "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.meta.llama3-2-1b-instruct-v1%3A0/invoke", b"{}", "bedrock_invoke", "chat", "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.meta.llama3-2-1b-instruct-v1:0", False),
         ("aws.bedrock", "/model/anthropic.claude-v2/invoke-with-response-stream", b"{}", "bedrock_invoke", "chat", "anthropic.claude-v2", True),
+        # Bedrock's OpenAI-compatible APIs (docs.aws.amazon.com/bedrock/latest/userguide/inference-chat-completions.html).
+        ("aws.bedrock", "/openai/v1/chat/completions", b'{"model":"openai.gpt-oss-20b-1:0","stream":true}', "openai", "chat", "openai.gpt-oss-20b-1:0", True),
+        ("aws.bedrock", "/v1/responses", b'{"model":"openai.gpt-oss-120b"}', "openai", "chat", "openai.gpt-oss-120b", False),
         ("cohere", "/v2/chat", b'{"model":"command-r-plus","stream":true}', "cohere", "chat", "command-r-plus", True),
         ("cohere", "/v2/embed", b'{"model":"embed-english-v3.0"}', "cohere", "embeddings", "embed-english-v3.0", False),
         ("ollama", "/api/chat", b'{"model":"llama3.2"}', "ollama", "chat", "llama3.2", True),

@@ -42,6 +42,7 @@ BUILTIN_HOSTS: tuple[tuple[str, str], ...] = (
     ("*-aiplatform.googleapis.com", "gcp.vertex_ai"),
     ("bedrock-runtime.*.amazonaws.com", "aws.bedrock"),
     ("bedrock-runtime-fips.*.amazonaws.com", "aws.bedrock"),
+    ("bedrock-mantle.*.api.aws", "aws.bedrock"),  # Bedrock's OpenAI-compatible endpoint
     ("api.deepseek.com", "deepseek"),
     ("api.mistral.ai", "mistral_ai"),
     ("api.groq.com", "groq"),
@@ -208,7 +209,9 @@ def route_for(provider: str, path: str) -> Route | None:
     if provider == "aws.bedrock":
         m = _BEDROCK.match(path)
         if not m:
-            return None
+            # OpenAI-compatible Chat Completions and Responses, on bedrock-runtime
+            # (/openai/v1/..., /v1/...) and on bedrock-mantle.
+            return _openai_route(path)
         model, api = unquote(m.group(1)), m.group(2)
         kind: Family = "bedrock_converse" if api.startswith("converse") else "bedrock_invoke"
         return Route(kind, "chat", model, api.endswith("stream"))
