@@ -192,3 +192,18 @@ def test_discovery_attaches_to_the_libssl_a_running_process_maps(
     finally:
         app.kill()
         app.wait()
+
+
+def test_without_privileges_it_says_why_and_exits_1() -> None:
+    from support.netns import python_for_uid
+    from support.sidecar import free_port
+
+    py = python_for_uid(1000)
+    res = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--",
+         py.executable, "-m", "podtally.cli", "ebpf-agent", "--no-kubernetes", "--no-discover",
+         "--metrics-port", str(free_port())],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        env={**py.env, "PATH": "/usr/bin:/bin", "PYTHONPATH": py.env.get("PYTHONPATH", "")})
+    assert res.returncode == 1, res.stderr
+    assert "cannot load the probes" in res.stderr and "make ebpf-deps" in res.stderr

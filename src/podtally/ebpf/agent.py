@@ -247,7 +247,13 @@ class Agent:
             signal.signal(sig, lambda *_: self.stop())
         serving = False
         try:
-            self.start()
+            try:
+                self.start()
+            except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception
+                log.error("cannot load the probes: %s (needs root or CAP_BPF+CAP_PERFMON, "
+                          "kernel headers in /lib/modules/$(uname -r)/build, tracefs at "
+                          "/sys/kernel/tracing: see `make ebpf-deps`)", exc)
+                return 1
             metrics.start()
             serving = True
             log.info("podtally ebpf-agent: %d file(s) attached, metrics on :%d",
