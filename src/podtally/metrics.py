@@ -116,8 +116,9 @@ class Meters:
                 self.last_change = time.time()
                 continue
             name, labels = series
-            self._metric(name).labels(*labels)  # exposed at 0 until the next scrape
-            self._created.add(series)
+            if series not in self._created:
+                self._metric(name).labels(*labels)  # exposed at 0 until the next scrape
+                self._created.add(series)
             held = self._pending.setdefault(series, [])
             if name in _HISTOGRAMS:
                 held.append(amount)
