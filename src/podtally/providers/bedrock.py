@@ -103,7 +103,8 @@ def _has_text(obj: dict[str, Any]) -> bool:
     for key in ("outputText", "generation", "completion", "text"):
         if obj.get(key):
             return True
-    for item in obj.get("outputs") or obj.get("results") or ():
+    items = obj.get("outputs") or obj.get("results")
+    for item in items if isinstance(items, list) else ():
         if as_dict(item).get("text") or as_dict(item).get("outputText"):
             return True
     delta = as_dict(as_dict(obj.get("contentBlockDelta")).get("delta"))

@@ -37,8 +37,9 @@ class GeminiAccumulator(BaseAccumulator):
             elif meta.get("trafficType") == "PROVISIONED_THROUGHPUT":
                 # Vertex: served from pre-bought capacity, not billed per token.
                 self.usage.service_tier = "provisioned"
-        if not self.saw_output:
-            for cand in obj.get("candidates") or ():
+        candidates = obj.get("candidates")
+        if not self.saw_output and isinstance(candidates, list):
+            for cand in candidates:
                 if as_dict(as_dict(cand).get("content")).get("parts"):
                     self.saw_output = True
                     break
