@@ -1,6 +1,8 @@
 """Ollama's native API: /api/chat and /api/generate, one JSON object or NDJSON lines; the
-final object (`done: true`) carries the counts. `prompt_eval_count` is absent when the
-whole prompt came from Ollama's cache: those tokens were not evaluated, and count 0."""
+final object (`done: true`) carries the counts. Since ollama#5371 `prompt_eval_count` is the
+whole prompt, cached part included; newer servers add `prompt_eval_cached_count`, which the
+contract's Ollama row leaves inside `input`. Servers before that fix omitted
+`prompt_eval_count` when the whole prompt came from the cache: then it counts 0."""
 
 from __future__ import annotations
 
