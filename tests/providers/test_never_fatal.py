@@ -2,7 +2,8 @@
 (to depth 3) replaced in turn by a value of another JSON type, still parses to a result.
 
 The parsers may count nothing for a mangled member; they must not raise, since a raise
-loses the whole call's usage at the hook boundary.
+loses the whole call's usage at the hook boundary, and no bucket may come out negative,
+since the buckets feed Prometheus counters, which refuse to go down.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def test_odd_values_are_never_fatal(case: str) -> None:
         parser = spec.parser(ctype)
         parser.feed(variant)
         usage = parser.finish()
-        if usage.tokens is not None:
-            assert isinstance(usage.tokens.total, int)
+        if usage.tokens is not None:  # counters only go up: no bucket may be negative
+            assert min(usage.tokens.as_dict().values()) >= 0, usage.tokens
         n += 1
     if ctype != "application/vnd.amazon.eventstream":
         assert n > 0

@@ -61,3 +61,16 @@ def test_openai_cache_writes_stay_in_input() -> None:
                                 "input_tokens_details": {"cached_tokens": 2000,
                                                          "cache_write_tokens": 400}})
     assert (tokens.input, tokens.cache_read, tokens.cache_write) == (600, 2000, 0)
+
+
+def test_cached_above_prompt_means_the_prompt_leaves_the_cache_out() -> None:
+    # A subset cannot exceed its set: such a server counts the cached part apart, and
+    # input = prompt - cached would go negative (a Prometheus counter refuses that).
+    tokens = tokens_from_usage({"prompt_tokens": 5, "completion_tokens": 2,
+                                "prompt_tokens_details": {"cached_tokens": 100}})
+    assert (tokens.input, tokens.cache_read, tokens.output) == (5, 100, 2)
+
+
+def test_negative_counts_count_zero() -> None:
+    tokens = tokens_from_usage({"prompt_tokens": -3, "completion_tokens": -1})
+    assert min(tokens.as_dict().values()) == 0

@@ -85,14 +85,21 @@ class ResponseParser:
 
 
 def as_int(value: object) -> int:
-    """A token count from JSON: ints (and integral floats) only; anything else counts 0."""
+    """A token count from JSON: non-negative ints (and integral floats) only; anything else
+    counts 0. The buckets feed Prometheus counters, which cannot go down."""
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return value
+        return max(value, 0)
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return max(int(value), 0)
     return 0
+
+
+def uncached(prompt: int, cached: int) -> int:
+    """The prompt tokens not read from the cache. A cached count above the prompt count can
+    only mean the prompt count leaves the cached part out (the Anthropic way)."""
+    return prompt - cached if cached <= prompt else prompt
 
 
 def as_dict(value: object) -> dict[str, Any]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from podtally.providers.base import BaseAccumulator, as_dict, as_int, text
+from podtally.providers.base import BaseAccumulator, as_dict, as_int, text, uncached
 from podtally.usage import Tokens
 
 
 def tokens_from_metadata(meta: dict[str, Any]) -> Tokens:
     cached = as_int(meta.get("cachedContentTokenCount"))
     return Tokens(
-        input=as_int(meta.get("promptTokenCount")) - cached
+        input=uncached(as_int(meta.get("promptTokenCount")), cached)
         + as_int(meta.get("toolUsePromptTokenCount")),
         cache_read=cached,
         output=as_int(meta.get("candidatesTokenCount")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from podtally.providers.base import BaseAccumulator, as_dict, as_int
+from podtally.providers.base import BaseAccumulator, as_dict, as_int, uncached
 from podtally.usage import Tokens
 
 
@@ -50,7 +50,7 @@ def tokens_from_usage(usage: dict[str, Any], *, reasoning_in_completion: bool = 
     cached = as_int(prompt_details.get("cached_tokens"))
     if _reasoning_inside(usage, prompt, completion, reasoning, default=reasoning_in_completion):
         completion -= reasoning
-    return Tokens(input=prompt - cached, cache_read=cached, output=completion,
+    return Tokens(input=uncached(prompt, cached), cache_read=cached, output=completion,
                   reasoning=reasoning)
 
 

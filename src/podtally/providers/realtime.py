@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from podtally.providers.base import as_dict, as_int, text
+from podtally.providers.base import as_dict, as_int, text, uncached
 from podtally.usage import CallUsage, Tokens
 
 _INTERESTING = re.compile(
@@ -30,7 +30,7 @@ class RealtimeResponse:
 def tokens_from_realtime(usage: dict[str, Any]) -> Tokens:
     cached = as_int(as_dict(usage.get("input_token_details")).get("cached_tokens"))
     return Tokens(
-        input=as_int(usage.get("input_tokens")) - cached,
+        input=uncached(as_int(usage.get("input_tokens")), cached),
         cache_read=cached,
         output=as_int(usage.get("output_tokens")),
     )
