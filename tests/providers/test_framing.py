@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from support.eventstream import event, exception, invoke_chunk
@@ -14,6 +15,7 @@ from podtally.providers.framing import (
     NDJSONFramer,
     framer_for,
 )
+from podtally.providers.registry import detect
 
 
 def run(framer: Framer, data: bytes, step: int) -> list[tuple[str, dict]]:
@@ -99,6 +101,7 @@ def test_event_stream_corruption_stops_parsing_without_raising() -> None:
     [
         ("text/event-stream; charset=utf-8", "SSEFramer", True),
         ("application/x-ndjson", "NDJSONFramer", True),
+        ("application/stream+json", "NDJSONFramer", True),
         ("application/vnd.amazon.eventstream", "EventStreamFramer", True),
         ("application/json; charset=UTF-8", "JSONFramer", False),
         ("", "JSONFramer", False),
@@ -107,3 +110,36 @@ def test_event_stream_corruption_stops_parsing_without_raising() -> None:
 def test_framer_for(ctype: str, kind: str, streaming: bool) -> None:
     framer, is_stream = framer_for(ctype)
     assert type(framer).__name__ == kind and is_stream is streaming
+
+
+# Recorded streams (see testdata/SOURCES.md) served under a JSON or missing Content-Type, as
+# some gateways do: the body is no JSON document, so it is read as the stream it is.
+@pytest.mark.parametrize("ctype", ["application/json", "", "text/plain"])
+@pytest.mark.parametrize(
+    ("case", "provider", "path"),
+    [
+        ("openai-chat-stream-usage", "openai", "/v1/chat/completions"),
+        ("anthropic-cache-read-stream", "anthropic", "/v1/messages"),
+        ("ollama-chat-stream", "ollama", "/api/chat"),
+    ],
+)
+def test_mislabelled_stream_is_still_metered(case: str, provider: str, path: str, ctype: str) -> None:
+    data = Path(__file__).parent / "testdata"
+    body = next(data.glob(f"{case}.response.*")).read_bytes()
+    request = data / f"{case}.request.json"
+    expected = json.loads((data / f"{case}.expected.json").read_text())
+    spec = detect(provider, "POST", path, request.read_bytes() if request.exists() else b"{}")
+    assert spec is not None
+    for step in (7, len(body)):
+        parser = spec.parser(ctype)
+        for i in range(0, len(body), step):
+            parser.feed(body[i : i + step])
+        usage = parser.finish()
+        assert usage.parse_error is None
+        assert usage.tokens is not None and usage.tokens.as_dict() == expected["tokens"]
+
+
+def test_a_malformed_json_body_is_still_counted_bad() -> None:
+    framer = JSONFramer()
+    assert run(framer, b'{"a": 1}\n{"b": ', 1_000_000) == []
+    assert framer.bad == 1

@@ -141,7 +141,11 @@ class JSONFramer:
             elif isinstance(obj, list):
                 yield from (("", o) for o in obj if isinstance(o, dict))
             else:
-                self.bad += 1
+                items = _mislabelled_stream(bytes(body))
+                if items:
+                    yield from items
+                else:
+                    self.bad += 1
 
     def _scan(self, chunk: bytes) -> Iterator[Item]:
         if self.error is not None:
@@ -175,6 +179,23 @@ class JSONFramer:
                 elem.clear()
                 self.error = f"array element larger than {MAX_ITEM} bytes: not parsed"
                 return
+
+
+def _mislabelled_stream(body: bytes) -> list[Item]:
+    """A stream served under a JSON (or no) Content-Type, as some gateways and servers do:
+    SSE (`data:` lines) or newline-delimited JSON. Only tried when the body is no JSON
+    document; small bodies only, since the whole body is held here anyway."""
+    if len(body) > LARGE_JSON_BODY:
+        return []
+    head = body.lstrip()[:6]
+    if head.startswith((b"data:", b"event:", b"id:", b":")):
+        framer: SSEFramer | NDJSONFramer = SSEFramer()
+    elif b"\n" in body.strip():
+        framer = NDJSONFramer()
+    else:
+        return []
+    items = [*framer.feed(body), *framer.close()]
+    return items if items and not framer.bad else []
 
 
 class EventStreamFramer:
@@ -229,7 +250,8 @@ def framer_for(content_type: str) -> tuple[Framer, bool]:
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype == "text/event-stream":
         return SSEFramer(), True
-    if ctype in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+    if ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl",
+                 "application/json-seq", "application/stream+json"):
         return NDJSONFramer(), True
     if ctype == "application/vnd.amazon.eventstream":
         return EventStreamFramer(), True
