@@ -114,7 +114,10 @@ class Env:
     def ws_options(self, sc: SidecarProcess, **kw: Any) -> dict[str, Any]:
         # httpx's proxy does not apply to WebSockets: the `websockets` library tunnels
         # through the proxy with an HTTP CONNECT of its own.
-        return {"proxy": f"http://127.0.0.1:{sc.proxy_port}", "ssl": self.client_tls(), **kw}
+        # open_timeout: the handshake crosses the proxy and a TLS interception; 10 s (the
+        # default) was seen to run out on a machine loaded by parallel test runs.
+        return {"proxy": f"http://127.0.0.1:{sc.proxy_port}", "ssl": self.client_tls(),
+                "open_timeout": 30, **kw}
 
 
 @pytest.fixture(scope="module")
