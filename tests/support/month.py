@@ -254,3 +254,137 @@ def record_lines(calls: list[Call]) -> Iterator[str]:
         if n == 3000:
             yield json.dumps({"level": "info", "msg": "metrics scraped"})
         yield line
+
+
+# -- the eBPF agent's view: LLM connections, metered by a sidecar or not ----------------------
+
+AGENT_FROM = START + timedelta(days=1)  # the agent was rolled out on January 2nd
+# node-a's agent restarted: its series come back holding the connections made since (the
+# first scrape after the restart missed their zero), a counter reset without a zero.
+AGENT_RESTART = START + timedelta(days=19, hours=13, minutes=1)
+AGENT_NS = "podtally-system"
+
+
+@dataclass(frozen=True)
+class Egress:
+    """A workload's connections to one provider, as the agent on its node counts them."""
+
+    namespace: str
+    workload: str
+    team: str
+    app: str
+    provider: str
+    node: str
+    sidecar_per_hour: float  # through the pod's sidecar (each with the sidecar's own leg)
+    direct_per_hour: float  # unmetered: no sidecar, or a destination the rules skip
+    until: datetime = DATA_TO
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"namespace": self.namespace, "workload": self.workload, "team": self.team,
+                "app": self.app, "service_account": self.app}
+
+
+EGRESS = (
+    Egress("shop", "checkout", "payments", "checkout", "openai", "a", 4, 0),
+    # A bypass: checkout reaches Anthropic through an address its rules exclude.
+    Egress("shop", "checkout", "payments", "checkout", "anthropic", "a", 0, 0.5),
+    Egress("shop", "invoice-batch", "payments", "invoice-batch", "anthropic", "a", 0.25, 0),
+    Egress("legacy", "notebook", "unattributed", "notebook", "openai", "a", 0, 1,
+           START + timedelta(days=25)),
+    Egress("ml", "summarizer", "research", "summarizer", "anthropic", "b", 3, 0),
+    Egress("web", "chat", "growth", "chat", "openai", "b", 2, 0),
+    # No sidecar and no OpenSSL (a Go program): the agent counts it, nothing meters its calls.
+    Egress("data", "scraper", "growth", "scraper", "openai", "b", 0, 2),
+)
+
+
+@dataclass(frozen=True)
+class Connection:
+    who: Egress
+    via: str  # sidecar | proxy | direct
+    at: datetime
+    scraped_at: datetime
+
+
+def make_connections(seed: int = 7) -> list[Connection]:
+    rng = random.Random(seed)
+    out: list[Connection] = []
+    for who in EGRESS:
+        for via, rate in (("sidecar", who.sidecar_per_hour), ("direct", who.direct_per_hour)):
+            if not rate:
+                continue
+            t = AGENT_FROM + timedelta(seconds=SCRAPE + 1)
+            while True:
+                t += timedelta(seconds=rng.expovariate(rate / 3600))
+                if t >= who.until - timedelta(seconds=SCRAPE):
+                    break
+                if who.node == "a" and timedelta(0) <= AGENT_RESTART - t < timedelta(
+                        seconds=SCRAPE):
+                    continue  # the agent drains on SIGTERM: nothing falls in the gap
+                out.append(Connection(who, via, t, _next_scrape(t)))
+                if via == "sidecar":  # the sidecar's upstream leg of the same call
+                    out.append(Connection(who, "proxy", t, _next_scrape(t)))
+    return out
+
+
+def agent_series(conns: list[Connection]) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                  list[tuple[float, float]]]:
+    """The agents' counters as Prometheus scraped them from the agent pods without
+    honor_labels: the metric's namespace renamed `exported_namespace`, the agent pod's in
+    `namespace`. Each series appears at 0 before its first connection; node-a's restart
+    brings its series back already counting."""
+    by_series: dict[tuple[str, tuple[tuple[str, str], ...]], list[Connection]] = \
+        defaultdict(list)
+    for c in conns:
+        ident = c.who.identity
+        labels = {**{k: v for k, v in ident.items() if k != "namespace"},
+                  "exported_namespace": ident["namespace"], "namespace": AGENT_NS,
+                  "pod": f"podtally-ebpf-agent-{c.who.node}",
+                  "instance": f"node-{c.who.node}:15091", "job": "podtally-ebpf-agent",
+                  "provider": c.who.provider}
+        by_series[("podtally_llm_connections_total",
+                   tuple(sorted({**labels, "via": c.via}.items())))].append(c)
+        if c.via == "direct":
+            by_series[("podtally_llm_unmetered_connections_total",
+                       tuple(sorted(labels.items())))].append(c)
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, float]]] = {}
+    step = timedelta(seconds=SCRAPE)
+    for key, mine in by_series.items():
+        restarts = mine[0].who.node == "a"
+        lives = [[c for c in mine if not restarts or c.at < AGENT_RESTART],
+                 [c for c in mine if restarts and c.at >= AGENT_RESTART]]
+        samples: list[tuple[float, float]] = []
+        for n, life in enumerate(lives):
+            if not life:
+                continue
+            # Born: exposed at 0 first. Back after the restart: already counting.
+            t = life[0].scraped_at - step if not samples else life[0].scraped_at
+            reset_from = samples[-1][1] if samples else None
+            life_end = AGENT_RESTART if restarts and n == 0 else DATA_TO + step
+            seen = 0
+            while t < life_end and t <= DATA_TO:
+                while seen < len(life) and life[seen].scraped_at <= t:
+                    seen += 1
+                value = float(seen)
+                if reset_from is not None:
+                    assert value < reset_from, key  # a drop: Prometheus sees the reset
+                    reset_from = None
+                samples.append((t.timestamp(), value))
+                t += step
+        out[key] = samples
+    return out
+
+
+def connection_totals(conns: list[Connection], key: tuple[str, ...], *, start: datetime = START,
+                      end: datetime = END) -> dict[tuple[str, ...], dict[str, int]]:
+    """Connections counted in [start, end) (at their scrape) by identity/provider labels,
+    per `via`."""
+    out: dict[tuple[str, ...], dict[str, int]] = {}
+    for c in conns:
+        if start <= c.scraped_at < end:
+            labels = {**c.who.identity, "provider": c.who.provider}
+            by_via = out.setdefault(tuple(labels[x] for x in key),
+                                    {"sidecar": 0, "proxy": 0, "direct": 0})
+            by_via[c.via] += 1
+    return out

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from podtally.report.budgets import Budgets
+from podtally.report.egress import EGRESS_METRICS
 from podtally.report.increase import DAY_MS, CounterIncrease
 from podtally.report.period import Period
 from podtally.report.rows import (
@@ -44,6 +45,7 @@ class SeriesIncrease:
     # What the series counted on each day of the period: day index (0 = the start's day) →
     # increase; the days add up to `value`.
     daily: Mapping[int, float] = field(default_factory=dict)
+    first_ms: int | None = None  # the series' first sample read (a baseline, or in the period)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Report:
     invoices: Mapping[str, Decimal] = field(default_factory=dict)
     budgets: Budgets | None = None  # `--budgets`
     as_of: datetime | None = None  # "now", for the budgets' month-end projection
+    # Samples of the eBPF agent's connection counters in the period (`egress`); None: the
+    # source cannot hold them (usage records are calls, not connections).
+    egress_samples: int | None = None
 
     def rows(self, by: Sequence[str] | None = None) -> list[Row]:
         return aggregate(((s.metric, s.labels, s.value) for s in self.series),
@@ -97,7 +102,7 @@ def series_increases(source: SampleSource, metric: str, period: Period, lookback
         if key not in state:
             state[key] = (labels, CounterIncrease(start, end))
         state[key][1].feed_all(samples)
-    series = [SeriesIncrease(metric, labels, inc.value, dict(inc.daily))
+    series = [SeriesIncrease(metric, labels, inc.value, dict(inc.daily), inc.first_ms)
               for labels, inc in state.values()]
     return series, sum(inc.in_window for _, inc in state.values())
 
@@ -110,4 +115,10 @@ def build_report(source: SampleSource, period: Period, *, by: Sequence[str] = DE
         found, seen = series_increases(source, metric, period, lookback_ms)
         series += found
         samples += seen
-    return Report(period, tuple(by), tuple(series), source_name, samples=samples)
+    egress_samples = 0
+    for metric in EGRESS_METRICS:  # the eBPF agent's, when it runs: metered vs unmetered
+        found, seen = series_increases(source, metric, period, lookback_ms)
+        series += found
+        egress_samples += seen
+    return Report(period, tuple(by), tuple(series), source_name, samples=samples,
+                  egress_samples=egress_samples)

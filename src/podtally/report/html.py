@@ -16,6 +16,7 @@ from html import escape
 
 from podtally.report.build import Report
 from podtally.report.chargeback import UNATTRIBUTED, UNKNOWN_TEAMS
+from podtally.report.egress import Egress, share_text
 from podtally.report.period import iso
 from podtally.report.render import VALUE_COLUMNS, finance, money, percent, usd_dec, values
 from podtally.report.rows import usd
@@ -29,6 +30,9 @@ PALETTE = ("#0072b2", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#000000", "#8
 UNATTRIBUTED_COLOR = "#e69f00"
 ATTRIBUTED_COLOR = "#1b7837"
 OTHER_COLOR = "#9aa3b2"
+# Egress: metered / unmetered connections; apart from the teams' and attribution's colours.
+METERED_COLOR = "#2166ac"
+UNMETERED_COLOR = "#b35806"
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#1d2330}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.6em 0 .4em}
@@ -167,6 +171,75 @@ def coverage_chart(report: Report) -> str:
         f'{UNATTRIBUTED} ${money(cov.unattributed_usd)}</text></svg>')
 
 
+def egress_charts(eg: Egress) -> str:
+    """The whole period's connections split metered | unmetered, then a bar per group
+    (most unmetered first), each split the same way; an explanation without agent data."""
+    if not eg.available:
+        return f'<p class="meta" id="egress-status">{escape(eg.headline())}.</p>'
+    t = eg.total
+    width, bar_w, h = 800, 640, 40
+    metered_w = round(bar_w * t.metered / t.connections, 1) if t.connections else 0
+    unmetered_w = round(bar_w - metered_w, 1) if t.connections else 0
+    whole = (
+        f'<svg id="egress" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 30}" '
+        f'viewBox="0 0 {width} {h + 30}" role="img" aria-label="Egress coverage">'
+        "<title>Egress coverage: LLM connections metered by a sidecar, and unmetered</title>"
+        f'<rect x="0" y="0" width="{metered_w}" height="{h}" fill="{METERED_COLOR}" '
+        f'data-label="metered" data-value="{t.metered!r}"/>'
+        f'<rect x="{metered_w}" y="0" width="{unmetered_w}" height="{h}" '
+        f'fill="{UNMETERED_COLOR}" data-label="unmetered" data-value="{t.unmetered!r}"/>'
+        f'<text x="{bar_w + 10}" y="{h / 2 + 5}" font-weight="600">'
+        f"{share_text(t.metered, t.connections)} metered</text>"
+        f'<text x="0" y="{h + 20}">metered {t.metered:,.0f} · unmetered {t.unmetered:,.0f} '
+        "connections</text></svg>")
+    shown = eg.rows[:MAX_BARS]
+    label_w, plot_w, value_w, row_h = 260, 380, 200, 24
+    top = max((r.connections for r in shown), default=0.0) or 1.0
+    gw, gh = label_w + plot_w + value_w, row_h * max(1, len(shown)) + 8
+    parts = [f'<svg id="egress-by-group" xmlns="http://www.w3.org/2000/svg" width="{gw}" '
+             f'height="{gh}" viewBox="0 0 {gw} {gh}" role="img" '
+             'aria-label="LLM connections by group: metered and unmetered">'
+             "<title>LLM connections by group: metered and unmetered</title>"]
+    for i, r in enumerate(shown):
+        y = 4 + i * row_h
+        name = " / ".join(g or "(none)" for g in r.group)
+        short = name if len(name) <= 38 else name[:37] + "…"
+        x = float(label_w)
+        parts.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">'
+                     f"{escape(short)}</text>")
+        for kind, value, color in (("metered", r.metered, METERED_COLOR),
+                                   ("unmetered", r.unmetered, UNMETERED_COLOR)):
+            w = round(plot_w * value / top, 1)
+            parts.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{w}" height="{row_h - 6}" '
+                         f'fill="{color}" data-group="{escape(name)}" data-label="{kind}" '
+                         f'data-value="{value!r}"><title>{escape(name)}: {value:,.0f} {kind}'
+                         "</title></rect>")
+            x += w
+        parts.append(f'<text x="{x + 6:.1f}" y="{y + 16}">{r.unmetered:,.0f} unmetered '
+                     f"({share_text(r.unmetered, r.connections)})</text>")
+    parts.append("</svg>")
+    more = (f'<p class="meta">{len(eg.rows) - len(shown)} more groups in the table.</p>'
+            if len(eg.rows) > len(shown) else "")
+    legend = ('<p class="legend">'
+              f'<span><i class="k" style="background:{METERED_COLOR}"></i>metered (through a '
+              "podtally sidecar)</span>"
+              f'<span><i class="k" style="background:{UNMETERED_COLOR}"></i>unmetered (no '
+              "sidecar, a bypass, or a node process)</span></p>")
+    head = [*eg.by, "metered_connections", "unmetered_connections", "unmetered_share"]
+    table = _table(
+        "egress", head, len(eg.by),
+        [([*r.group, f"{r.metered:.0f}", f"{r.unmetered:.0f}",
+           share_text(r.unmetered, r.connections)], "warn" if r.unmetered else "")
+         for r in eg.rows],
+        [*t.group, f"{t.metered:.0f}", f"{t.unmetered:.0f}",
+         share_text(t.unmetered, t.connections)])
+    notes = "".join(f'<p class="meta">Warning: {escape(w)}</p>' for w in eg.warnings)
+    return (f'<p class="meta">{escape(eg.headline())}. Connections, not calls or USD: an '
+            "unmetered connection's calls are in the cost above only where the eBPF agent "
+            f"metered them itself.</p>{notes}{whole}{legend}{''.join(parts)}{more}"
+            f"{table}")
+
+
 def _table(table_id: str, head: Sequence[str], numeric_from: int,
            rows: Sequence[tuple[Sequence[str], str]], foot: Sequence[str] | None = None) -> str:
     def cells(values: Sequence[str], tag: str) -> str:
@@ -209,8 +282,12 @@ def html_page(report: Report) -> str:
          for r in rows],
         row_cells(total.group, values(total), sum(fin.charged.values(), Decimal(0))))
 
+    eg = fin.egress
     cards = [("Metered cost (list prices)", f"${money(usd(total.cost_usd))}"),
-             ("Attribution coverage", percent(fin.coverage.share))]
+             ("Attribution coverage (cost with a known team)", percent(fin.coverage.share)),
+             ("Egress coverage (LLM connections metered)",
+              share_text(eg.total.metered, eg.total.connections) if eg.available
+              else eg.status)]
     if report.invoices:
         cards.insert(1, ("Charged (invoices)", f"${money(sum(fin.charged.values(), Decimal(0)))}"))
     cards.append(("Requests", f"{total.requests:,.0f}"))
@@ -257,6 +334,8 @@ def html_page(report: Report) -> str:
 {legend}
 <h2>Attribution coverage (share of cost with a known team)</h2>
 {coverage_chart(report)}
+<h2>Egress coverage (LLM connections through a sidecar, from the eBPF agent)</h2>
+{egress_charts(fin.egress)}
 <h2>Cost by model</h2>
 {model_chart}
 <h2>Tokens by type</h2>

@@ -30,6 +30,7 @@ class CounterIncrease:
     value: float = 0.0
     resets: int = 0
     in_window: int = 0  # samples seen in [start, end)
+    first_ms: int | None = None  # the series' first sample fed (a baseline, or in the window)
     # What was counted in each day of the window ([start + i days, start + i + 1 days)),
     # by the same rule: the days add up to `value` exactly.
     daily: dict[int, float] = field(default_factory=dict)
@@ -42,6 +43,8 @@ class CounterIncrease:
         if self._last_ts is not None and ts_ms <= self._last_ts:
             return  # already seen (overlapping query ranges)
         self._last_ts = ts_ms
+        if self.first_ms is None:
+            self.first_ms = ts_ms
         prev, self._prev = self._prev, v
         if ts_ms < self.start_ms:
             return  # a baseline

@@ -27,6 +27,7 @@ from podtally.report.chargeback import (
     coverage,
     variances,
 )
+from podtally.report.egress import Egress, EgressRow, egress, share_text
 from podtally.report.period import iso
 from podtally.report.rows import TOTAL, USD_QUANTUM, Row, total_row, usd, usd_text
 from podtally.usage import TOKEN_TYPES
@@ -78,6 +79,7 @@ class Finance:
     charged: dict[tuple[str, ...], Decimal]  # by the report's groups; empty without invoices
     variances: list[Variance]  # empty without invoices
     budgets: list[BudgetLine]  # empty without budgets
+    egress: Egress  # LLM connections metered vs unmetered (the eBPF agent's)
 
 
 def finance(report: Report) -> Finance:
@@ -92,7 +94,7 @@ def finance(report: Report) -> Finance:
         lines = budget_lines(teams, report.budgets, report.period,
                              report.as_of or report.period.end)
     return Finance(coverage(report), charged_rows,
-                   variances(report) if report.invoices else [], lines)
+                   variances(report) if report.invoices else [], lines, egress(report))
 
 
 def percent(x: float | None) -> str:
@@ -159,6 +161,7 @@ def table_renderables(report: Report) -> list[RenderableType]:
               percent(None if not total_usd else float(cov.unattributed_usd / total_usd)),
               style="yellow")
     out.append(c)
+    out += egress_renderables(fin.egress)
 
     if fin.variances:
         out.append(Text("Chargeback: each invoice split over the groups by metered cost; "
@@ -185,6 +188,32 @@ def table_renderables(report: Report) -> list[RenderableType]:
                        percent(line.used), money(line.projected_usd),
                        percent(line.projected_share), line.status, style=style)
         out.append(bt)
+    return out
+
+
+def egress_renderables(eg: Egress) -> list[RenderableType]:
+    """The egress coverage's headline and, with agent data, its table per group."""
+    out: list[RenderableType] = [Text(eg.headline(), style="bold")]
+    if not eg.available:
+        return out
+    t = Table(box=box.SIMPLE_HEAD, show_footer=True)
+    for b in eg.by:
+        t.add_column(b, footer="TOTAL")
+
+    def cells(r: EgressRow) -> list[str]:
+        return [f"{r.metered:,.0f}", f"{r.unmetered:,.0f}", share_text(r.unmetered, r.connections)]
+
+    for name, foot in zip(("metered_connections", "unmetered_connections", "unmetered_share"),
+                          cells(eg.total), strict=True):
+        t.add_column(name, justify="right", footer=foot)
+    for r in eg.rows:
+        t.add_row(*r.group, *cells(r), style="yellow" if r.unmetered else None)
+    out.append(t)
+    out.append(Text("metered: through the pod's podtally sidecar; unmetered: no sidecar, a "
+                    "destination its rules do not capture, or a node process (their calls are "
+                    "in the cost above only where the eBPF agent metered them itself). "
+                    "Connections, not calls or USD."))
+    out += [Text(f"warning: {w}", style="yellow") for w in eg.warnings]
     return out
 
 
@@ -244,6 +273,7 @@ def json_doc(report: Report) -> dict[str, Any]:
         "coverage": {"attributed_usd": float(cov.attributed_usd),
                      "unattributed_usd": float(cov.unattributed_usd),
                      "share": cov.share},
+        "egress_coverage": egress_doc(fin.egress),
         "daily_cost_by_team": {
             "days": [iso(report.period.start + timedelta(days=i))[:10]
                      for i in range(report.days)],
@@ -265,6 +295,24 @@ def json_doc(report: Report) -> dict[str, Any]:
              "used": b.used, "projected_usd": float(b.projected_usd),
              "projected_share": b.projected_share, "status": b.status}
             for b in fin.budgets]
+    return doc
+
+
+def egress_doc(eg: Egress) -> dict[str, Any]:
+    """`egress_coverage` in the JSON: not to be confused with `coverage` (attribution)."""
+    doc: dict[str, Any] = {"status": eg.status, "share": eg.coverage, "by": list(eg.by)}
+    if not eg.available:
+        return doc
+
+    def numbers(r: EgressRow) -> dict[str, Any]:
+        return {"metered_connections": count(r.metered),
+                "unmetered_connections": count(r.unmetered),
+                "unmetered_share": r.unmetered_share,
+                "proxy_connections": count(r.proxy)}
+
+    doc["rows"] = [{**dict(zip(eg.by, r.group, strict=True)), **numbers(r)} for r in eg.rows]
+    doc["total"] = numbers(eg.total)
+    doc["warnings"] = list(eg.warnings)
     return doc
 
 
