@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from podtally.ebpf.attribution import (
     PodIndex,
+    cgroup_dirs,
     cgroup_path,
     node_identity,
     pod_and_container,
@@ -121,3 +123,15 @@ def test_endpoints() -> None:
     for bad in ("198.18.0.2", "198.18.0.2:99999=openai", "nonsense=openai"):
         with pytest.raises(ValueError):
             parse_endpoint(bad)
+
+
+def test_cgroup_dirs_name_each_cgroup_by_its_id(tmp_path: Path) -> None:
+    """A process gone before its events are read is found by its cgroup id (the inode)."""
+    (tmp_path / "kubepods" / f"pod{UID}" / CID).mkdir(parents=True)
+    (tmp_path / "system.slice").mkdir()
+    ids = cgroup_dirs(str(tmp_path))
+    assert ids[(tmp_path / "kubepods" / f"pod{UID}" / CID).stat().st_ino] == \
+        f"/kubepods/pod{UID}/{CID}"
+    assert ids[(tmp_path / "system.slice").stat().st_ino] == "/system.slice"
+    assert ids[tmp_path.stat().st_ino] == "/"
+    assert cgroup_dirs(str(tmp_path / "missing")) == {}

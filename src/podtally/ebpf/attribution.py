@@ -11,6 +11,7 @@ labelled by its command name and cgroup, never left out.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +44,24 @@ def cgroup_path(proc_cgroup: str) -> str:
         if _POD_UID.search(path):
             return path
     return entries[0][2] if entries else "/"
+
+
+def cgroup_dirs(root: str) -> dict[int, str]:
+    """cgroup v2 id → path (as `/proc/<pid>/cgroup` gives it) of every cgroup under the
+    hierarchy mounted at `root`: a cgroup's id is its directory's inode number. For a
+    process that is gone by the time its events are read."""
+    out: dict[int, str] = {}
+    stack = [(root, "")]
+    while stack:
+        top, rel = stack.pop()
+        try:
+            out[os.stat(top).st_ino] = rel or "/"
+            with os.scandir(top) as it:
+                stack.extend((e.path, f"{rel}/{e.name}") for e in it
+                             if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue  # removed while walking
+    return out
 
 
 def pod_and_container(path: str) -> tuple[str | None, str | None]:

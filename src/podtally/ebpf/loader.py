@@ -37,6 +37,7 @@ RETURN_PROBES = (("SSL_write", "pt_write_leave"), ("SSL_write_ex", "pt_write_lea
 # SSL_read_ex, with the _ex argument layout.
 INTERNAL = (("SSL_write_ex", "pt_write_ex_enter", "pt_write_leave"),
             ("SSL_read_ex", "pt_read_ex_enter", "pt_read_leave"))
+PAGE_SIZE = 4096  # the ring buffer's size unit (bcc's BPF_RINGBUF_OUTPUT)
 _LIBSSL = re.compile(r"/libssl\.so[.0-9]*$")
 
 
@@ -169,7 +170,10 @@ class Probes:
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {ringbuf_pages}")
         text = resources.files("podtally.ebpf").joinpath("probes.c").read_text()
+        # A quarter of the ring queued wakes the agent (probes.c): three quarters are left
+        # for what comes while it gets to it.
         cflags = [f"-DRINGBUF_PAGES={ringbuf_pages}", f"-DPROXY_UID={proxy_uid}",
+                  f"-DWAKE_BYTES={ringbuf_pages * PAGE_SIZE // 4}",
                   f"-DCGROUP_FILTER={1 if cgroup_scope else 0}", "-Wno-macro-redefined"]
         self.bpf = BPF(text=text, cflags=cflags)
         self._closed = False
@@ -235,6 +239,15 @@ class Probes:
         """Hand every record the kernel has queued to `on_record` (never waits); returns
         how many there were."""
         before = self.records
+        self.bpf.ring_buffer_consume()
+        return self.records - before
+
+    def wait(self, seconds: float) -> int:
+        """Sleep until the kernel asks for a drain (a quarter of the ring queued) or
+        `seconds` pass, then drain; returns how many records there were. A signal ends
+        the wait early."""
+        before = self.records
+        self.bpf.ring_buffer_poll(max(0, int(seconds * 1000)))  # epoll: drains if woken
         self.bpf.ring_buffer_consume()
         return self.records - before
 

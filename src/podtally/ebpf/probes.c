@@ -5,9 +5,13 @@
 //                  dropped and counted in `lost`, never waited for
 //   PROXY_UID      the podtally sidecar's uid: its plaintext is what the sidecar meters
 //   CGROUP_FILTER  1: only tasks under the cgroup in `scope[0]` are traced
+//   WAKE_BYTES     wake user space once this many bytes were queued since the last wake-up
 //
-// User space drains the ring buffer on a timer (BPF_RB_NO_WAKEUP): no wake-up per event,
-// so neither the traced thread nor the agent pays for one.
+// No wake-up per event (BPF_RB_NO_WAKEUP), so neither the traced thread nor the agent pays
+// for one: user space drains the ring buffer on a slow timer, and the record that brings
+// what was queued since the last wake-up to WAKE_BYTES (a quarter of the ring) wakes it
+// (BPF_RB_FORCE_WAKEUP). A burst is drained long before the ring is full; an idle node
+// costs one wake-up per timer tick.
 //
 // Everything is bounded: one ring buffer, hash maps with fixed maximum sizes, a per-CPU
 // scratch event, and at most MAX_PIECES * MAX_CHUNK bytes copied per SSL call (the rest is
@@ -68,10 +72,25 @@ BPF_PERCPU_ARRAY(lost, u64, 8);
 // cgroup ids whose plaintext is never wanted (pods with a sidecar): set by user space.
 BPF_HASH(skip_cgroups, u64, u8, 65536);
 BPF_CGROUP_ARRAY(scope, 1);
+// Bytes queued since the last forced wake-up. Approximate under races (a reset may drop a
+// concurrent add, two CPUs may both wake): at worst a record's size late, or a spare wake.
+BPF_ARRAY(unwoken, u64, 1);
 
 static __always_inline void count_lost(u32 kind) {
     u64 *n = lost.lookup(&kind);
     if (n) (*n)++;
+}
+
+// The ring-buffer flag for a record of `size` bytes: wake user space only when enough is
+// queued (the kernel's record header and alignment counted as in the ring).
+static __always_inline u64 wake_flag(u64 size) {
+    u32 zero = 0;
+    u64 *n = unwoken.lookup(&zero);
+    if (!n) return BPF_RB_NO_WAKEUP;
+    __sync_fetch_and_add(n, (size + 8 + 7) & ~7ULL);
+    if (*n < WAKE_BYTES) return BPF_RB_NO_WAKEUP;
+    *n = 0;
+    return BPF_RB_FORCE_WAKEUP;
 }
 
 static __always_inline int wanted(void) {
@@ -138,7 +157,8 @@ static __always_inline int leave(struct pt_regs *ctx, int is_write) {
         ev->offset = off;
         ev->len = n;
         if (bpf_probe_read_user(&ev->data, n, (void *)(args.buf + off)) != 0) ev->len = 0;
-        if (events.ringbuf_output(ev, offsetof(struct data_event, data) + n, BPF_RB_NO_WAKEUP) != 0)
+        u64 size = offsetof(struct data_event, data) + n;
+        if (events.ringbuf_output(ev, size, wake_flag(size)) != 0)
             count_lost(ev->kind);
     }
     if (total > (u64)MAX_PIECES * MAX_CHUNK) {
@@ -146,7 +166,8 @@ static __always_inline int leave(struct pt_regs *ctx, int is_write) {
         ev->kind = K_TRUNC;
         ev->offset = (u64)MAX_PIECES * MAX_CHUNK;
         ev->len = 0;
-        if (events.ringbuf_output(ev, offsetof(struct data_event, data), BPF_RB_NO_WAKEUP) != 0)
+        u64 size = offsetof(struct data_event, data);
+        if (events.ringbuf_output(ev, size, wake_flag(size)) != 0)
             count_lost(K_TRUNC);
     }
     return 0;
@@ -175,7 +196,8 @@ int pt_free_enter(struct pt_regs *ctx) {
     ev->cgroup = bpf_get_current_cgroup_id();
     ev->len = ev->total = ev->offset = 0;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
-    if (events.ringbuf_output(ev, offsetof(struct data_event, data), BPF_RB_NO_WAKEUP) != 0)
+    u64 size = offsetof(struct data_event, data);
+    if (events.ringbuf_output(ev, size, wake_flag(size)) != 0)
         count_lost(K_CLOSE);
     return 0;
 }
@@ -204,6 +226,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     else
         __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0) count_lost(K_CONNECT);
+    if (events.ringbuf_output(&ev, sizeof(ev), wake_flag(sizeof(ev))) != 0)
+        count_lost(K_CONNECT);
     return 0;
 }
