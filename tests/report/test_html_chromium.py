@@ -139,3 +139,28 @@ def test_the_screenshot_shows_the_charts(page: dict[str, object]) -> None:
     known, unknown = row.count(green), row.count(amber)
     share = page["json"]["coverage"]["share"]
     assert known > 300 and abs(known / (known + unknown) - share) < 0.01, (known, unknown, share)
+
+
+def test_the_egress_coverage_renders(page: dict[str, object]) -> None:
+    """The eBPF agent's connections: the DOM holds the JSON's numbers, and the screenshot's
+    bar is split metered | unmetered at the egress coverage (not the attribution one)."""
+    p = parsed(page)
+    eg = page["json"]["egress_coverage"]
+    whole = {r["data-label"]: float(r["data-value"]) for r in p.chart_rects["egress"]}
+    assert whole == {"metered": eg["total"]["metered_connections"],
+                     "unmetered": eg["total"]["unmetered_connections"]}
+    table = {r[0]: r[1:3] for r in p.tables["egress"][1:]}
+    assert table == {**{r["team"]: [str(r["metered_connections"]),
+                                    str(r["unmetered_connections"])] for r in eg["rows"]},
+                     "TOTAL": [str(eg["total"]["metered_connections"]),
+                               str(eg["total"]["unmetered_connections"])]}
+    image = Image.open(str(page["png"])).convert("RGB")
+    width, height = image.size
+    metered, unmetered = _rgb("#2166ac"), _rgb("#b35806")
+    best = max(range(height), key=lambda y: sum(
+        image.getpixel((x, y)) == metered for x in range(0, width, 4)))
+    row = [image.getpixel((x, best)) for x in range(width)]
+    known, unknown = row.count(metered), row.count(unmetered)
+    share = eg["share"]
+    assert abs(share - page["json"]["coverage"]["share"]) > 0.05  # two different numbers
+    assert known > 300 and abs(known / (known + unknown) - share) < 0.01, (known, unknown, share)
