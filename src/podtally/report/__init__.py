@@ -47,6 +47,12 @@ Finance
     per team, actual and projected to the month's end. Each increase is also kept per day
     of the period, for FOCUS' daily charges and the HTML page's chart by day.
 
+Egress
+    `egress`: the eBPF agent's `podtally_llm_connections_total{via}`, increased the same
+    way: connections to LLM endpoints metered by a sidecar (`via="sidecar"`) against
+    unmetered ones (`via="direct"`) per group, and the egress coverage (metered share) —
+    apart from the attribution coverage. No agent samples: "no eBPF agent data".
+
 Records
     `usage_records` builds the same report from the sidecars' JSON lines (`--records`):
     each call on the day it started, for reconciliation with Prometheus.
@@ -54,5 +60,6 @@ Records
 How
     Raw samples over [start − lookback, end), fetched by `podtally.report.prometheus` (the
     only module here doing I/O), then pure arithmetic: `increase` (per series), `build`
-    (series to report), `rows` (grouping), `render`/`focus`/`html` (output).
+    (series to report), `rows` (grouping), `egress` (connections), `render`/`focus`/`html`
+    (output).
 """

@@ -193,9 +193,9 @@ def table_renderables(report: Report) -> list[RenderableType]:
 
 def egress_renderables(eg: Egress) -> list[RenderableType]:
     """The egress coverage's headline and, with agent data, its table per group."""
-    out: list[RenderableType] = [Text(eg.headline(), style="bold")]
     if not eg.available:
-        return out
+        return [Text(eg.headline() + "\n", style="bold")]
+    out: list[RenderableType] = [Text(eg.headline(), style="bold")]
     t = Table(box=box.SIMPLE_HEAD, show_footer=True)
     for b in eg.by:
         t.add_column(b, footer="TOTAL")
@@ -209,11 +209,11 @@ def egress_renderables(eg: Egress) -> list[RenderableType]:
     for r in eg.rows:
         t.add_row(*r.group, *cells(r), style="yellow" if r.unmetered else None)
     out.append(t)
-    out.append(Text("metered: through the pod's podtally sidecar; unmetered: no sidecar, a "
-                    "destination its rules do not capture, or a node process (their calls are "
-                    "in the cost above only where the eBPF agent metered them itself). "
-                    "Connections, not calls or USD."))
-    out += [Text(f"warning: {w}", style="yellow") for w in eg.warnings]
+    out.append(Text("metered: through the pod's podtally sidecar. unmetered: no sidecar, a "
+                    "destination its capture rules skip, or a node process;\ntheir calls are in "
+                    "the cost above only where the eBPF agent metered them itself. Connections, "
+                    "not calls or USD.\n"))
+    out += [Text(f"warning: {w}\n", style="yellow") for w in eg.warnings]
     return out
 
 
