@@ -1,10 +1,16 @@
-"""The kernel's events (probes.c) as Python values. Pure: bytes in, dataclasses out."""
+"""The kernel's events (probes.c) as Python values. Pure: bytes in, values out.
+
+Decoded once per ring-buffer record, so kept cheap: events are named tuples (a frozen
+dataclass costs three times as much to build) and a task's `Task` is built once and reused
+(bounded cache; a Task is immutable).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 WRITE, READ, CLOSE, CONNECT, TRUNC, ARGS = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {WRITE: "write", READ: "read", CLOSE: "close", CONNECT: "connect",
@@ -12,6 +18,7 @@ KIND_NAMES = {WRITE: "write", READ: "read", CLOSE: "close", CONNECT: "connect",
 
 MAX_CHUNK = 16384
 MAX_PIECES = 8
+_DATA_KINDS = frozenset({WRITE, READ, CLOSE, TRUNC})
 RINGBUF_RECORD_HEADER = 8  # the kernel's per-record header in a BPF ring buffer
 
 # struct data_event, up to `data` (probes.c); little-endian x86-64/arm64 layout.
@@ -37,8 +44,7 @@ class Task:
     comm: str
 
 
-@dataclass(frozen=True, slots=True)
-class DataEvent:
+class DataEvent(NamedTuple):
     """Plaintext one SSL_write/SSL_read call moved (or a piece of it), or SSL_free."""
 
     kind: int
@@ -50,8 +56,7 @@ class DataEvent:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectEvent:
+class ConnectEvent(NamedTuple):
     task: Task
     ts: int
     address: str
@@ -62,22 +67,35 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+_TASKS: dict[tuple[int, int, int, bytes], Task] = {}
+_MAX_TASKS = 4096
+
+
+def _task(pid: int, uid: int, cgroup: int, comm: bytes) -> Task:
+    key = (pid, uid, cgroup, comm)
+    task = _TASKS.get(key)
+    if task is None:
+        if len(_TASKS) >= _MAX_TASKS:
+            _TASKS.clear()
+        task = _TASKS[key] = Task(pid, uid, cgroup, _comm(comm))
+    return task
+
+
 def decode(raw: bytes) -> DataEvent | ConnectEvent | None:
     """One ring-buffer record; None for a record this version does not know."""
     if not raw:
         return None
     kind = raw[0]
+    if kind in _DATA_KINDS and len(raw) >= DATA_HEADER_SIZE:
+        kind, pid, _tid, uid, conn, ts, cgroup, length, total, offset, comm = (
+            _DATA.unpack_from(raw))
+        return DataEvent(kind, _task(pid, uid, cgroup, comm), conn, ts, offset, total,
+                         raw[DATA_HEADER_SIZE:DATA_HEADER_SIZE + length])
     if kind == CONNECT:
         if len(raw) < CONNECT_SIZE:
             return None
         _, family, dport, pid, _tid, uid, _cookie, ts, cgroup, daddr, comm = (
             _CONNECT.unpack_from(raw))
         addr = ipaddress.ip_address(daddr[:4] if family == 4 else daddr)
-        return ConnectEvent(Task(pid, uid, cgroup, _comm(comm)), ts, str(addr), dport)
-    if kind in (WRITE, READ, CLOSE, TRUNC) and len(raw) >= DATA_HEADER_SIZE:
-        kind, pid, _tid, uid, conn, ts, cgroup, length, total, offset, comm = (
-            _DATA.unpack_from(raw))
-        data = raw[DATA_HEADER_SIZE:DATA_HEADER_SIZE + length]
-        return DataEvent(kind, Task(pid, uid, cgroup, _comm(comm)), conn, ts, offset, total,
-                         data)
+        return ConnectEvent(_task(pid, uid, cgroup, comm), ts, str(addr), dport)
     return None

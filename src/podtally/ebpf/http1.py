@@ -61,13 +61,16 @@ class ParseError(Exception):
     pass
 
 
-def _parse_headers(lines: list[bytes]) -> dict[str, str]:
+_WS = " \t\r\n\x0b\x0c"  # what bytes.strip() strips (str.strip() also strips \xa0, \x85)
+
+
+def _parse_headers(lines: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        name, sep, value = line.partition(":")
+        if not sep or not name or name[0] in _WS or name[-1] in _WS:
             raise ParseError("malformed header line")
-        key, val = name.decode("latin-1").lower(), value.strip().decode("latin-1")
+        key, val = name.lower(), value.strip(_WS)
         out[key] = f"{out[key]}, {val}" if key in out else val
     return out
 
@@ -176,18 +179,20 @@ class _Reader:
         return False
 
     def _head(self, head: bytes, out: list[Event]) -> None:
-        line, *rest = head.split(b"\r\n")
+        # Decoded once (latin-1 maps every byte): the lines are split and parsed as str.
+        line, *rest = head.decode("latin-1").split("\r\n")
         headers = _parse_headers(rest)
-        parts = line.split(b" ", 2)
+        parts = line.split(" ", 2)
         if self.from_client:
-            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 raise ParseError("not an HTTP/1.1 request line")
-            method = parts[0].decode("latin-1")
-            out.append(RequestHead(method, parts[1].decode("latin-1"), headers))
+            method = parts[0]
+            out.append(RequestHead(method, parts[1], headers))
             self.methods.append(method)
             self._frame(headers, bodyless=False, out=out)
             return
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isascii()
+                or not parts[1].isdigit()):
             raise ParseError("not an HTTP/1.1 status line")
         status = int(parts[1])
         if status < 200:

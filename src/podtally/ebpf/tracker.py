@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from podtally.calls import MeteredCall, host_of, provider_of, request_id
 from podtally.ebpf import http1
@@ -73,6 +74,10 @@ class Tracker:
         self._conns: OrderedDict[tuple[int, int], _Connection] = OrderedDict()
         self.unparsed: dict[str, int] = {}  # connections given up, by reason
         self.evicted = 0
+        # One handler per HTTP event type: a dict lookup, not a chain of isinstance.
+        self._handlers: dict[type, Callable[[_Connection, Any, int], None]] = {
+            http1.RequestHead: self._request_head, http1.ResponseHead: self._response_head,
+            http1.Body: self._body, http1.End: self._end, http1.Broken: self._broken}
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -138,49 +143,55 @@ class Tracker:
                 return
 
     def _one(self, conn: _Connection, event: http1.Event, ts: int) -> None:
-        if isinstance(event, http1.RequestHead):
-            headers = event.headers
-            host = host_of(headers.get("host", ""))
-            provider = provider_of(self.hosts, host, tls=True, port=None, path=event.target)
-            conn.exchanges.append(_Exchange(
-                method=event.method, target=event.target, host=host,
-                started=self.epoch_of(ts), body_encoded="content-encoding" in headers,
-                # Only a metered call's body is kept (detection reads its model, stream).
-                metered=provider is not None
-                and operation_for(provider, event.target, event.method) is not None))
-        elif isinstance(event, http1.Body) and event.from_client:
+        self._handlers[type(event)](conn, event, ts)
+
+    def _request_head(self, conn: _Connection, event: http1.RequestHead, ts: int) -> None:
+        headers = event.headers
+        host = host_of(headers.get("host", ""))
+        provider = provider_of(self.hosts, host, tls=True, port=None, path=event.target)
+        conn.exchanges.append(_Exchange(
+            method=event.method, target=event.target, host=host,
+            started=self.epoch_of(ts), body_encoded="content-encoding" in headers,
+            # Only a metered call's body is kept (detection reads its model, stream).
+            metered=provider is not None
+            and operation_for(provider, event.target, event.method) is not None))
+
+    def _body(self, conn: _Connection, event: http1.Body, ts: int) -> None:
+        if event.from_client:
             ex = self._requesting(conn)
             if (ex is not None and ex.metered
                     and len(ex.body) + len(event.data) <= self.max_request_body):
                 ex.body += event.data
-        elif isinstance(event, http1.End) and event.from_client:
+        elif conn.exchanges and conn.exchanges[0].call is not None:
+            call = conn.exchanges[0].call
+            try:
+                call.feed(event.data, self.epoch_of(ts))
+            except Exception:  # noqa: BLE001
+                call.stop_metering()
+                self.on_fault("parse")
+
+    def _end(self, conn: _Connection, event: http1.End, ts: int) -> None:
+        if event.from_client:
             ex = self._requesting(conn)
             if ex is not None:
                 ex.request_done = True
                 self._detect(ex)
-        elif isinstance(event, http1.ResponseHead):
-            if event.status < 200 or not conn.exchanges:
-                return
-            ex = conn.exchanges[0]
-            self._detect(ex)
-            ex.status, ex.response_headers = event.status, event.headers
-            if ex.call is not None:
-                ex.call.open_response(event.headers)
-        elif isinstance(event, http1.Body):
-            if conn.exchanges and conn.exchanges[0].call is not None:
-                call = conn.exchanges[0].call
-                try:
-                    call.feed(event.data, self.epoch_of(ts))
-                except Exception:  # noqa: BLE001
-                    call.stop_metering()
-                    self.on_fault("parse")
-        elif isinstance(event, http1.End):
-            if conn.exchanges and conn.exchanges[0].status is not None:
-                self._finish(conn, conn.exchanges.popleft(), ts, complete=True)
-        elif isinstance(event, http1.Broken):
-            reason = "http2" if conn.observer.http2 else "unparsed"
-            self.unparsed[reason] = self.unparsed.get(reason, 0) + 1
-            self._give_up(conn, ts, "HTTP stream not parsed")
+        elif conn.exchanges and conn.exchanges[0].status is not None:
+            self._finish(conn, conn.exchanges.popleft(), ts, complete=True)
+
+    def _response_head(self, conn: _Connection, event: http1.ResponseHead, ts: int) -> None:
+        if event.status < 200 or not conn.exchanges:
+            return
+        ex = conn.exchanges[0]
+        self._detect(ex)
+        ex.status, ex.response_headers = event.status, event.headers
+        if ex.call is not None:
+            ex.call.open_response(event.headers)
+
+    def _broken(self, conn: _Connection, event: http1.Broken, ts: int) -> None:
+        reason = "http2" if conn.observer.http2 else "unparsed"
+        self.unparsed[reason] = self.unparsed.get(reason, 0) + 1
+        self._give_up(conn, ts, "HTTP stream not parsed")
 
     @staticmethod
     def _requesting(conn: _Connection) -> _Exchange | None:
