@@ -127,6 +127,15 @@ def test_the_table_says_egress_coverage_apart_from_attribution(
     assert "the eBPF agent's counters begin at 2024-01-02T" in section
 
 
+def test_the_table_says_which_labels_connections_lack(prometheus: RunningPrometheus) -> None:
+    out = run("--prometheus-url", prometheus.url, *JAN)  # --by team,namespace,model
+    assert "(grouped by team, namespace: connections carry no model)" in out
+    page = run("--prometheus-url", prometheus.url, *JAN, "--format", "html")
+    assert "Grouped by team, namespace: connections carry no model." in page
+    assert "connections carry no" not in run("--prometheus-url", prometheus.url, *JAN,
+                                             "--by", "team")
+
+
 def test_consecutive_periods_add_up(prometheus: RunningPrometheus,
                                     connections: list[month.Connection]) -> None:
     def totals(start: str, end: str) -> dict[str, int]:

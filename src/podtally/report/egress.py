@@ -88,6 +88,15 @@ class Egress:
     rows: list[EgressRow] = field(default_factory=list)
     total: EgressRow = field(default_factory=lambda: EgressRow(()))
     warnings: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # --by labels that connections do not carry (`model`)
+
+    @property
+    def grouping(self) -> str:
+        """How the groups were chosen, when not simply --by."""
+        if not self.dropped:
+            return ""
+        return (f"grouped by {', '.join(self.by)}: connections carry no "
+                f"{', '.join(self.dropped)}")
 
     @property
     def available(self) -> bool:
@@ -121,10 +130,11 @@ def egress_by(by: Sequence[str]) -> tuple[str, ...]:
 
 def egress(report: Report) -> Egress:
     by = egress_by(report.by)
+    dropped = tuple(b for b in report.by if b not in EGRESS_LABELS)
     if report.egress_samples is None:
-        return Egress(NOT_IN_RECORDS, by)
+        return Egress(NOT_IN_RECORDS, by, dropped=dropped)
     if not report.egress_samples:
-        return Egress(NO_AGENT_DATA, by)
+        return Egress(NO_AGENT_DATA, by, dropped=dropped)
     rows: dict[tuple[str, ...], EgressRow] = {}
     checked: dict[tuple[str, ...], list[float]] = {}  # group → [direct, contract metric]
     first: int | None = None
@@ -154,7 +164,7 @@ def egress(report: Report) -> Egress:
         total.metered += r.metered
         total.unmetered += r.unmetered
         total.proxy += r.proxy
-    return Egress(OK, by, kept, total, _warnings(report, checked, first))
+    return Egress(OK, by, kept, total, _warnings(report, checked, first), dropped)
 
 
 def _warnings(report: Report, checked: dict[tuple[str, ...], list[float]],

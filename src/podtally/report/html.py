@@ -234,6 +234,8 @@ def egress_charts(eg: Egress) -> str:
         [*t.group, f"{t.metered:.0f}", f"{t.unmetered:.0f}",
          share_text(t.unmetered, t.connections)])
     notes = "".join(f'<p class="meta">Warning: {escape(w)}</p>' for w in eg.warnings)
+    if eg.grouping:
+        notes = f'<p class="meta">{escape(eg.grouping.capitalize())}.</p>' + notes
     return (f'<p class="meta">{escape(eg.headline())}. Connections, not calls or USD: an '
             "unmetered connection's calls are in the cost above only where the eBPF agent "
             f"metered them itself.</p>{notes}{whole}{legend}{''.join(parts)}{more}"

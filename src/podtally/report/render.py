@@ -209,6 +209,8 @@ def egress_renderables(eg: Egress) -> list[RenderableType]:
     for r in eg.rows:
         t.add_row(*r.group, *cells(r), style="yellow" if r.unmetered else None)
     out.append(t)
+    if eg.grouping:
+        out.append(Text(f"({eg.grouping})"))
     out.append(Text("metered: through the pod's podtally sidecar. unmetered: no sidecar, a "
                     "destination its capture rules skip, or a node process;\ntheir calls are in "
                     "the cost above only where the eBPF agent metered them itself. Connections, "
