@@ -14,7 +14,8 @@ import csv
 import io
 import json
 import re
-from datetime import date
+from dataclasses import replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -247,5 +248,12 @@ def test_the_contract_metric_is_a_cross_check() -> None:
     # A proxy-only group (the summarizer's sidecar legs) is listed but is no connection of
     # its own; the contract metric disagreeing with via="direct" is said, not averaged.
     assert [r["workload"] for r in doc["rows"]] == ["checkout", "summarizer"]
-    assert len(doc["warnings"]) == 1 and "differ in 1 group(s)" in doc["warnings"][0]
-    assert "2 against 3" in doc["warnings"][0]
+    stale, differ = doc["warnings"]
+    assert "differ in 1 group(s)" in differ and "2 against 3" in differ
+    # The agent's last sample is 22 hours before the period's end: said, not guessed at.
+    assert stale.startswith("the eBPF agent's counters end at 2024-01-02T02:00:00Z, over an "
+                            "hour before 2024-01-03T00:00:00Z")
+    # For a period not over, "now" (--as-of) is the end that matters.
+    now = datetime(2024, 1, 2, 2, 30, tzinfo=UTC)
+    doc = json.loads(render_as(replace(report, as_of=now), "json"))["egress_coverage"]
+    assert not any("counters end" in w for w in doc["warnings"])

@@ -46,6 +46,7 @@ class SeriesIncrease:
     # increase; the days add up to `value`.
     daily: Mapping[int, float] = field(default_factory=dict)
     first_ms: int | None = None  # the series' first sample read (a baseline, or in the period)
+    last_ms: int | None = None  # and its last before the period's end
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ def series_increases(source: SampleSource, metric: str, period: Period, lookback
         if key not in state:
             state[key] = (labels, CounterIncrease(start, end))
         state[key][1].feed_all(samples)
-    series = [SeriesIncrease(metric, labels, inc.value, dict(inc.daily), inc.first_ms)
-              for labels, inc in state.values()]
+    series = [SeriesIncrease(metric, labels, inc.value, dict(inc.daily), inc.first_ms,
+                             inc.last_ms) for labels, inc in state.values()]
     return series, sum(inc.in_window for _, inc in state.values())
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from podtally.report.period import iso
+from podtally.report.period import iso, to_ms
 from podtally.report.rows import ID_LABELS, own_labels
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ UNMETERED = "podtally_llm_unmetered_connections_total"
 EGRESS_METRICS = (CONNECTIONS, UNMETERED)
 EGRESS_LABELS = (*ID_LABELS, "provider")
 FALLBACK_BY = ("namespace", "workload")
+
+# Agent counters whose last sample is older than this before the period's end (or before
+# now, for a period not over) mean the agent stopped or stopped being scraped.
+STALE_MS = 3_600_000
 
 OK = "ok"
 NO_AGENT_DATA = "no eBPF agent data"
@@ -138,11 +142,14 @@ def egress(report: Report) -> Egress:
     rows: dict[tuple[str, ...], EgressRow] = {}
     checked: dict[tuple[str, ...], list[float]] = {}  # group → [direct, contract metric]
     first: int | None = None
+    last: int | None = None
     for s in report.series:
         if s.metric not in EGRESS_METRICS:
             continue
         if s.first_ms is not None:
             first = s.first_ms if first is None else min(first, s.first_ms)
+        if s.last_ms is not None:
+            last = s.last_ms if last is None else max(last, s.last_ms)
         labels = own_labels(s.labels)
         key = tuple(labels.get(b, "") for b in by)
         if s.metric == UNMETERED:
@@ -164,18 +171,29 @@ def egress(report: Report) -> Egress:
         total.metered += r.metered
         total.unmetered += r.unmetered
         total.proxy += r.proxy
-    return Egress(OK, by, kept, total, _warnings(report, checked, first), dropped)
+    return Egress(OK, by, kept, total, _warnings(report, checked, first, last), dropped)
+
+
+def _iso_ms(ms: int) -> str:
+    return iso(datetime.fromtimestamp(ms / 1000, UTC))
 
 
 def _warnings(report: Report, checked: dict[tuple[str, ...], list[float]],
-              first: int | None) -> tuple[str, ...]:
+              first: int | None, last: int | None) -> tuple[str, ...]:
     out = []
     if first is not None and first > report.period.start_ms:
         # No agent sample before the period (within --lookback): the agent began later,
         # was not scraped, or saw no LLM connection until then.
-        since = iso(datetime.fromtimestamp(first / 1000, UTC))
-        out.append(f"the eBPF agent's counters begin at {since}, after the period's start: "
-                   "connections before it, if the agent was not running, are not counted")
+        out.append(f"the eBPF agent's counters begin at {_iso_ms(first)}, after the "
+                   "period's start: connections before it, if the agent was not running, are "
+                   "not counted")
+    until = report.period.end_ms
+    if report.as_of is not None:
+        until = min(until, to_ms(report.as_of))
+    if last is not None and until - last > STALE_MS:
+        out.append(f"the eBPF agent's counters end at {_iso_ms(last)}, over an hour before "
+                   f"{_iso_ms(until)}: connections after it are not counted (was the agent "
+                   "stopped, or no longer scraped?)")
     # Where the contract metric was scraped, it must agree with via="direct".
     off = [(k, d, u) for k, (d, u) in sorted(checked.items()) if u and d != u]
     if off:

@@ -61,6 +61,11 @@ class CounterIncrease:
             day = (ts_ms - self.start_ms) // DAY_MS
             self.daily[day] = self.daily.get(day, 0.0) + gained
 
+    @property
+    def last_ms(self) -> int | None:
+        """The series' last sample fed before `end`."""
+        return self._last_ts
+
     def feed_all(self, samples: Iterable[tuple[int, float]]) -> CounterIncrease:
         for ts, v in samples:
             self.feed(ts, v)
