@@ -3,8 +3,8 @@
 The month's report (tests/support/month.py, from a real Prometheus) with invoices and
 budgets is rendered by Chromium; the DOM it built must carry exactly the CSV's numbers (the
 table, and the values behind every bar), and the screenshot must show the charts: each
-team's colour over an area in proportion to its cost, the coverage bar split at the
-coverage share. Set PODTALLY_SCREENSHOT_TO=docs/report-html.png to keep the screenshot
+team's colour over an area in proportion to its cost, the attribution coverage bar split at
+its share, the egress coverage bar (the eBPF agent's connections) at its own. Set PODTALLY_SCREENSHOT_TO=docs/report-html.png to keep the screenshot
 (the README's picture is made so).
 """
 
