@@ -115,6 +115,47 @@ def test_full_ring_buffer_loses_counted_events_and_the_agent_goes_on(
         assert total(agent.metrics(), lost) == WRITES - fit  # nothing more lost
 
 
+IGNORED_CLIENT = r'''
+import socket, ssl, sys
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+with socket.create_connection((host, port)) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
+    for line in sys.stdin:
+        for _ in range(int(line)):
+            s.sendall(b"GET /file HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        print("sent", flush=True)
+'''
+
+
+def test_a_connection_to_another_host_is_no_longer_copied(
+        cgroup: TestCgroup, tls_sink: tuple[int, Path]) -> None:
+    port, ca = tls_sink
+    with running_agent("--no-kubernetes", "--llm-host", "localhost=openai",
+                       cgroup=cgroup.root, libssl=[libssl_of_python()]) as agent:
+        app = subprocess.Popen([sys.executable, "-c", IGNORED_CLIENT, "localhost", str(port),
+                                str(ca)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, preexec_fn=TestCgroup.joiner(cgroup.child("app")))
+        assert app.stdin is not None and app.stdout is not None
+        try:
+            app.stdin.write("1\n")
+            app.stdin.flush()
+            assert app.stdout.readline() == "sent\n"
+            # The first request says it: example.com is no LLM host. The kernel is told.
+            agent.wait_metric(lambda m: total(m, "podtally_ebpf_ignored_connections_total")
+                              >= 1)
+            app.stdin.write("50\n")
+            app.stdin.flush()
+            assert app.stdout.readline() == "sent\n"
+        finally:
+            app.stdin.close()
+            app.wait(10)
+        m = agent.wait_metric(lambda m: total(m, "podtally_ebpf_events_total", kind="close")
+                              >= 1)
+        assert total(m, "podtally_ebpf_ignored_connections_total") == 1
+        assert total(m, "podtally_ebpf_events_total", kind="write") == 1  # not the 50 after
+        assert total(m, "podtally_ebpf_lost_events_total") == 0
+
+
 def _perf_links(pid: int) -> list[dict[str, Any]]:
     out = subprocess.run(["bpftool", "-j", "perf", "show"], capture_output=True, text=True,
                          check=True).stdout

@@ -57,9 +57,11 @@ class Feed:
     def __init__(self, hosts: HostTable | None = None) -> None:
         self.facts: list[CallFacts] = []
         self.faults: list[str] = []
+        self.ignored: list[tuple[int, int]] = []
         self.ts = 1_000_000_000
         self.tracker = Tracker(hosts or HostTable(), lambda t, f: self.facts.append(f),
-                               self.faults.append, epoch_of=lambda ns: ns / 1e9)
+                               self.faults.append, epoch_of=lambda ns: ns / 1e9,
+                               on_ignore=lambda pid, conn: self.ignored.append((pid, conn)))
 
     def send(self, kind: int, data: bytes, size: int = 1 << 30, conn: int = 0xABC) -> None:
         for piece in slices(data, size):
@@ -110,6 +112,24 @@ def test_only_llm_hosts_and_metered_paths_become_calls() -> None:
     f.send(WRITE, request("/v1/chat/completions", b'{"model":"m"}', "llm.internal"), conn=3)
     f.send(READ, response((DATA / "openai-chat.response.json").read_bytes()), conn=3)
     assert [(x.provider, x.host) for x in f.facts] == [("openai_compatible", "llm.internal")]
+
+
+def test_connections_to_other_hosts_and_http2_are_ignored_in_the_kernel() -> None:
+    f = Feed()
+    f.send(WRITE, request("/upload", b"x" * 100, "example.com"))  # not an LLM host
+    assert f.ignored == [(TASK.pid, 0xABC)] and len(f.tracker) == 0
+    f.send(READ, response(b"{}"))  # queued before the kernel was told: dropped
+    f.send(WRITE, b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n", conn=2)
+    assert len(f.ignored) == 1 and len(f.tracker) == 1  # an LLM host: followed
+    f.send(WRITE, http1.HTTP2_PREFACE + b"\r\nSM\r\n\r\n", conn=3)
+    assert f.ignored[1:] == [(TASK.pid, 3)] and f.tracker.unparsed == {"http2": 1}
+    f.send(WRITE, b"\x16\x03\x01garbage", conn=4)  # unknown: may yet start a request
+    assert len(f.ignored) == 2
+    # A call in flight on the connection keeps it followed (pipelining).
+    f.send(WRITE, request("/v1/chat/completions", b'{"model": "gpt-4o"}'), conn=5)
+    f.send(WRITE, request("/x", b"{}", "example.com"), conn=5)
+    f.send(READ, response((DATA / "openai-chat.response.json").read_bytes()), conn=5)
+    assert len(f.ignored) == 2 and len(f.facts) == 1 and f.facts[0].error is None
 
 
 def test_a_stream_cut_by_ssl_free_is_an_error_after_its_end_marker_is_not() -> None:

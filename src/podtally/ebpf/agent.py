@@ -65,6 +65,7 @@ class Agent:
         self.events: dict[str, int] = {}
         self.lost: dict[str, int] = {}
         self.skipped_cgroups: set[int] = set()
+        self.ignored_connections = 0  # TLS connections the kernel was told not to copy
         self._cgroups: OrderedDict[int, str] = OrderedDict()
         self._cgroup_root = _cgroup2_mount()
         self._cgroup_walked = -CGROUP_WALK_SECONDS
@@ -79,7 +80,8 @@ class Agent:
         self.watcher: Any = None
         self.tracker = Tracker(self.hosts, self._on_facts, self._fault,
                                epoch_of=self._epoch_of,
-                               max_connections=settings.max_connections)
+                               max_connections=settings.max_connections,
+                               on_ignore=self._ignore_connection)
         self.registry.register(_AgentCollector(self))
 
     # -- clocks ---------------------------------------------------------------------------
@@ -119,6 +121,11 @@ class Agent:
                 self.skipped_cgroups.add(ev.task.cgroup)
             return
         self.tracker.on_event(ev)
+
+    def _ignore_connection(self, pid: int, conn: int) -> None:
+        self.ignored_connections += 1
+        if self.probes is not None:
+            self.probes.ignore_connection(pid, conn)
 
     def _on_connect(self, ev: ConnectEvent) -> None:
         provider = self.endpoints.provider_for(ev.address, ev.port)
@@ -350,6 +357,10 @@ class _AgentCollector(Collector):
         for kind in ("write", "read", "close", "connect", "truncated", "call_args"):
             lost.add_metric([kind], a.lost.get(kind, 0))
         yield lost
+        yield CounterMetricFamily(
+            "podtally_ebpf_ignored_connections",
+            "TLS connections seen to carry no LLM calls (another host, HTTP/2), whose "
+            "plaintext the kernel stopped copying.", value=a.ignored_connections)
         unparsed = CounterMetricFamily(
             "podtally_ebpf_unparsed_connections",
             "TLS connections whose plaintext could not be followed (http2, unparsed).",

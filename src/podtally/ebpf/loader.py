@@ -265,6 +265,13 @@ class Probes:
         table = self.bpf["skip_cgroups"]
         table[table.Key(cgroup_id)] = table.Leaf(1)
 
+    def ignore_connection(self, pid: int, conn: int) -> None:
+        """Stop copying this TLS connection's plaintext (it carries no LLM calls)."""
+        table = self.bpf["ignored_conns"]
+        key = table.Key()
+        key.ssl, key.pid = conn, pid
+        table[key] = table.Leaf(1)
+
     def close(self) -> None:
         """Detach every probe and free the programs and maps."""
         if not self._closed:

@@ -72,6 +72,15 @@ BPF_PERCPU_ARRAY(lost, u64, 8);
 // cgroup ids whose plaintext is never wanted (pods with a sidecar): set by user space.
 BPF_HASH(skip_cgroups, u64, u8, 65536);
 BPF_CGROUP_ARRAY(scope, 1);
+// TLS connections user space has seen are not LLM calls (a request to another host, or
+// HTTP/2): their plaintext is no longer copied. LRU: bounded, the oldest go first; SSL_free
+// removes a connection's entry, since its SSL* may be reused for the next one.
+struct conn_key {
+    u64 ssl;
+    u32 pid;
+    u32 _pad;
+};
+BPF_TABLE("lru_hash", struct conn_key, u8, ignored_conns, 65536);
 // Bytes queued since the last forced wake-up. Approximate under races (a reset may drop a
 // concurrent add, two CPUs may both wake): at worst a record's size late, or a spare wake.
 BPF_ARRAY(unwoken, u64, 1);
@@ -107,6 +116,10 @@ static __always_inline int wanted(void) {
 static __always_inline int enter(struct pt_regs *ctx, int is_write, int ex) {
     if (!wanted()) return 0;
     u64 id = bpf_get_current_pid_tgid();
+    struct conn_key key = {};
+    key.ssl = PT_REGS_PARM1(ctx);
+    key.pid = id >> 32;
+    if (ignored_conns.lookup(&key)) return 0;
     struct call_args a = {};
     a.conn = PT_REGS_PARM1(ctx);
     a.buf = PT_REGS_PARM2(ctx);
@@ -187,6 +200,10 @@ int pt_free_enter(struct pt_regs *ctx) {
     struct data_event *ev = scratch.lookup(&zero);
     if (!ev) return 0;
     u64 id = bpf_get_current_pid_tgid();
+    struct conn_key key = {};
+    key.ssl = PT_REGS_PARM1(ctx);
+    key.pid = id >> 32;
+    ignored_conns.delete(&key);
     ev->kind = K_CLOSE;
     ev->pid = id >> 32;
     ev->tid = (u32)id;

@@ -26,6 +26,7 @@ from podtally.records import CallFacts
 
 Sink = Callable[[Task, CallFacts], None]
 Fault = Callable[[str], None]
+Ignore = Callable[[int, int], None]  # (pid, SSL*): this connection carries no LLM calls
 
 MAX_CONNECTIONS = 4096
 # Detection reads a few top-level members; bodies above 1 MiB are scanned, not parsed.
@@ -54,6 +55,7 @@ class _Exchange:
 @dataclass
 class _Connection:
     task: Task
+    key: tuple[int, int]  # (pid, SSL*)
     observer: http1.Http1Observer = field(default_factory=http1.Http1Observer)
     # Requests in order; the head is the one the next response answers (pipelining).
     exchanges: deque[_Exchange] = field(default_factory=deque)
@@ -64,8 +66,12 @@ class Tracker:
     def __init__(self, hosts: HostTable, sink: Sink, on_fault: Fault, *,
                  epoch_of: Callable[[int], float],
                  max_connections: int = MAX_CONNECTIONS,
-                 max_request_body: int = MAX_REQUEST_BODY) -> None:
+                 max_request_body: int = MAX_REQUEST_BODY,
+                 on_ignore: Ignore | None = None) -> None:
         self.hosts = hosts
+        # Told about connections that will never carry a metered call (another host,
+        # HTTP/2), so the kernel stops copying them; they are no longer tracked.
+        self.on_ignore = on_ignore
         self.sink = sink
         self.on_fault = on_fault
         self.epoch_of = epoch_of  # CLOCK_MONOTONIC ns → epoch seconds
@@ -97,7 +103,7 @@ class Tracker:
         if conn is None:
             if ev.kind != WRITE:
                 return  # joined mid-way: wait for the client's next request
-            conn = self._conns[key] = _Connection(task=ev.task)
+            conn = self._conns[key] = _Connection(task=ev.task, key=key)
             while len(self._conns) > self.max_connections:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
@@ -149,6 +155,8 @@ class Tracker:
         headers = event.headers
         host = host_of(headers.get("host", ""))
         provider = provider_of(self.hosts, host, tls=True, port=None, path=event.target)
+        if provider is None and self._ignore(conn):
+            return
         conn.exchanges.append(_Exchange(
             method=event.method, target=event.target, host=host,
             started=self.epoch_of(ts), body_encoded="content-encoding" in headers,
@@ -192,6 +200,21 @@ class Tracker:
         reason = "http2" if conn.observer.http2 else "unparsed"
         self.unparsed[reason] = self.unparsed.get(reason, 0) + 1
         self._give_up(conn, ts, "HTTP stream not parsed")
+        if conn.observer.http2:
+            self._ignore(conn)  # never parsed: the connection's plaintext is of no use
+
+    def _ignore(self, conn: _Connection) -> bool:
+        """A TLS connection talks to one server: one request to a host that is no LLM's
+        (or HTTP/2) says the rest of it is not metered either. Ignored unless a metered
+        call is still in flight on it; returns whether it was."""
+        if self.on_ignore is None or any(ex.metered for ex in conn.exchanges):
+            return False
+        if self._conns.get(conn.key) is conn:
+            del self._conns[conn.key]
+        conn.exchanges.clear()
+        conn.observer.broken = "ignored: no LLM calls"
+        self.on_ignore(*conn.key)
+        return True
 
     @staticmethod
     def _requesting(conn: _Connection) -> _Exchange | None:
