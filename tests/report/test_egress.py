@@ -257,3 +257,20 @@ def test_the_contract_metric_is_a_cross_check() -> None:
     now = datetime(2024, 1, 2, 2, 30, tzinfo=UTC)
     doc = json.loads(render_as(replace(report, as_of=now), "json"))["egress_coverage"]
     assert not any("counters end" in w for w in doc["warnings"])
+
+
+def test_the_contract_counter_alone_gives_no_share() -> None:
+    """Unmetered counted, metered not (no podtally_llm_connections_total): no coverage is
+    made up, and the unmetered count is still said."""
+    ident = {k: v for k, v in CHECKOUT.items() if k != "model"}
+    series = [("podtally_llm_unmetered_connections_total", ident,
+               [(S - H, 0), (S + H, 5), (S + 20 * H, 9)])]
+    report = build_report(ListSource(series), PERIOD, by=("team",), lookback_ms=2 * H)
+    doc = json.loads(render_as(report, "json"))["egress_coverage"]
+    assert doc["status"] == "no eBPF agent data" and doc["share"] is None
+    assert doc["warnings"] == ["podtally_llm_unmetered_connections_total counts 9 unmetered "
+                               "connections, but without podtally_llm_connections_total the "
+                               "metered ones are unknown: no coverage to show"]
+    text = render_as(report, "table")
+    assert "counts 9 unmetered connections" in text and "metered_connections   " not in text
+    assert "counts 9 unmetered connections" in render_as(report, "html")

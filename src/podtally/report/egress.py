@@ -164,6 +164,11 @@ def egress(report: Report) -> Egress:
             checked.setdefault(key, [0.0, 0.0])[0] += s.value
         elif via == "proxy":
             row.proxy += s.value
+    if not rows:  # the contract's counter alone: unmetered known, metered not
+        unmetered = sum(u for _, u in checked.values())
+        return Egress(NO_AGENT_DATA, by, dropped=dropped, warnings=(
+            f"{UNMETERED} counts {unmetered:,.0f} unmetered connections, but without "
+            f"{CONNECTIONS} the metered ones are unknown: no coverage to show",))
     kept = sorted((r for r in rows.values() if r.connections or r.proxy),
                   key=lambda r: (-r.unmetered, -r.metered, r.group))
     total = EgressRow(("TOTAL",) * len(by))

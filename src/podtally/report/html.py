@@ -175,7 +175,8 @@ def egress_charts(eg: Egress) -> str:
     """The whole period's connections split metered | unmetered, then a bar per group
     (most unmetered first), each split the same way; an explanation without agent data."""
     if not eg.available:
-        return f'<p class="meta" id="egress-status">{escape(eg.headline())}.</p>'
+        return f'<p class="meta" id="egress-status">{escape(eg.headline())}.</p>' + "".join(
+            f'<p class="meta">Warning: {escape(w)}</p>' for w in eg.warnings)
     t = eg.total
     width, bar_w, h = 800, 640, 40
     metered_w = round(bar_w * t.metered / t.connections, 1) if t.connections else 0

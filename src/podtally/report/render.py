@@ -194,7 +194,8 @@ def table_renderables(report: Report) -> list[RenderableType]:
 def egress_renderables(eg: Egress) -> list[RenderableType]:
     """The egress coverage's headline and, with agent data, its table per group."""
     if not eg.available:
-        return [Text(eg.headline() + "\n", style="bold")]
+        return [Text(eg.headline() + "\n", style="bold"),
+                *(Text(f"warning: {w}\n", style="yellow") for w in eg.warnings)]
     out: list[RenderableType] = [Text(eg.headline(), style="bold")]
     t = Table(box=box.SIMPLE_HEAD, show_footer=True)
     for b in eg.by:
@@ -304,6 +305,8 @@ def egress_doc(eg: Egress) -> dict[str, Any]:
     """`egress_coverage` in the JSON: not to be confused with `coverage` (attribution)."""
     doc: dict[str, Any] = {"status": eg.status, "share": eg.coverage, "by": list(eg.by)}
     if not eg.available:
+        if eg.warnings:
+            doc["warnings"] = list(eg.warnings)
         return doc
 
     def numbers(r: EgressRow) -> dict[str, Any]:
