@@ -453,7 +453,11 @@ def cluster(tmp: Path) -> Iterator[Cluster]:
         values = {
             "operator": {"replicas": 1, "resyncSeconds": 2, "metrics": {"port": metrics_port}},
             "podDisruptionBudget": {"enabled": False},
-            "webhook": {"port": webhook_port},
+            # timeoutSeconds 10 (chart default 5): the webhook's owner lookups go to kmock's
+            # emulator, which shares this test's process; on a loaded machine one admission
+            # was seen to take over 5 s there, and failurePolicy Ignore then (rightly) let
+            # the pod in unmetered.
+            "webhook": {"port": webhook_port, "timeoutSeconds": 10},
             "podMonitor": {"enabled": True, "interval": SCRAPE_INTERVAL},
         }
         story.hop("1. helm install podtally (the chart, rendered by Helm's engine)")
