@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import signal
 import ssl
 import sys
 import time
@@ -41,10 +39,26 @@ import h2.events
 import h2.exceptions
 
 try:
-    from support.fake_provider import Chunk, Exchange, FakeProvider, Script, WaitFor, load_routes
+    from support.fake_provider import (
+        Chunk,
+        Exchange,
+        FakeProvider,
+        Script,
+        WaitFor,
+        load_routes,
+        serve_until_signalled,
+    )
 except ImportError:  # run as a script: python tests/support/fake_h2.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from support.fake_provider import Chunk, Exchange, FakeProvider, Script, WaitFor, load_routes
+    from support.fake_provider import (
+        Chunk,
+        Exchange,
+        FakeProvider,
+        Script,
+        WaitFor,
+        load_routes,
+        serve_until_signalled,
+    )
 
 __all__ = ["H2FakeProvider", "h2_provider_command"]
 
@@ -293,27 +307,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                         listen=args.listen or ["127.0.0.1:0"], default=default,
                         log_path=args.log, alpn=[a for a in args.alpn.split(",") if a])
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        await fp._start_servers()
-        fp._loop = loop
-        info = {"pid": os.getpid(), "listening": [list(a) for a in fp.addresses]}
-        if args.ready_file:
-            tmp = f"{args.ready_file}.tmp"
-            Path(tmp).write_text(json.dumps(info))
-            os.replace(tmp, args.ready_file)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await fp._shutdown()
-
-    with contextlib.suppress(asyncio.CancelledError):
-        asyncio.run(run())
-    return 0
+    return serve_until_signalled(fp, args.ready_file, announce=False)
 
 
 if __name__ == "__main__":

@@ -986,6 +986,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         log_path=args.log,
     )
 
+    return serve_until_signalled(fp, args.ready_file, announce=True)
+
+
+def serve_until_signalled(fp: FakeProvider, ready_file: str | None, *, announce: bool) -> int:
+    """A provider process's life: listen, say where (atomically in `ready_file`), serve until
+    SIGTERM or SIGINT, shut down."""
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -995,11 +1002,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         await fp._start_servers()
         fp._loop = loop
         info = {"pid": os.getpid(), "listening": [list(a) for a in fp.addresses]}
-        print(f"fake provider listening {json.dumps(info)}", flush=True)
-        if args.ready_file:
-            tmp = f"{args.ready_file}.tmp"
+        if announce:
+            print(f"fake provider listening {json.dumps(info)}", flush=True)
+        if ready_file:
+            tmp = f"{ready_file}.tmp"
             Path(tmp).write_text(json.dumps(info))
-            os.replace(tmp, args.ready_file)
+            os.replace(tmp, ready_file)
         try:
             await asyncio.Event().wait()
         finally:
