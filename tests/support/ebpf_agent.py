@@ -15,14 +15,12 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-from support.sidecar import Sample, free_port, parse_metrics
+from support.sidecar import MeteringProcess, Sample, free_port
 
 PREFIX = "podtally-test-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]{{6}}$")
@@ -107,8 +105,10 @@ class TestCgroup:
         _remove_tree(self.root)
 
 
-class AgentProcess:
+class AgentProcess(MeteringProcess):
     """`podtally ebpf-agent` as root; stdout = usage records, scraped on 127.0.0.1."""
+
+    what = "agent"
 
     def __init__(self, *args: str, cgroup: Path | None, libssl: Sequence[str] = (),
                  discover: bool = False, env: dict[str, str] | None = None) -> None:
@@ -120,59 +120,18 @@ class AgentProcess:
             argv += ["--cgroup", str(cgroup)]
         for lib in libssl:
             argv += ["--libssl", lib]
-        self.argv = argv
-        self.records: list[dict[str, Any]] = []
-        self.stderr_lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
-        threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True).start()
-
-    def _read(self, stream: Any, is_stdout: bool) -> None:
-        import json
-
-        for line in stream:
-            with self._cond:
-                if is_stdout:
-                    self.records.append(json.loads(line))
-                else:
-                    self.stderr_lines.append(line)
-                self._cond.notify_all()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.stderr_lines)
+        super().__init__(argv, env={**os.environ, **(env or {})},
+                         metrics_url=f"http://127.0.0.1:{self.port}/metrics")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.stderr}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.stderr}")
+        super().wait_ready(timeout)
 
     def wait_records(self, n: int, timeout: float = 15) -> list[dict[str, Any]]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.records) >= n, timeout):
-                raise TimeoutError(f"{len(self.records)} records, wanted {n}:\n{self.stderr}")
-            return list(self.records)
-
-    def scrape(self) -> dict[Sample, float]:
-        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
-
-    def metrics(self) -> dict[Sample, float]:
-        """Current values, staged ones included (the first scrape releases them)."""
-        self.scrape()
-        return self.scrape()
+        return super().wait_records(n, timeout)
 
     def wait_metric(self, cond: Callable[[dict[Sample, float]], bool],
                     timeout: float = 15) -> dict[Sample, float]:
@@ -182,18 +141,6 @@ class AgentProcess:
             if cond(m) or time.monotonic() > deadline:
                 return m
             time.sleep(0.1)
-
-    def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; past `timeout` the agent is killed and that is an error."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"agent still running {timeout}s after SIGTERM:\n"
-                                 f"{self.stderr}") from None
 
 
 @contextlib.contextmanager

@@ -44,12 +44,17 @@ def total(metrics: dict[Sample, float], name: str, **labels: str) -> float:
     return sum(select(metrics, name, **labels).values())
 
 
-class SidecarProcess:
+class MeteringProcess:
+    """A podtally process under test (the sidecar, the eBPF agent): one JSON usage record per
+    line on stdout, stderr kept, /metrics and /readyz beside `metrics_url`."""
+
+    what = "process"  # for error messages
+
     def __init__(self, argv: Sequence[str], *, env: dict[str, str], metrics_url: str) -> None:
         self.metrics_url = metrics_url
-        self.proxy_port = 0
+        self.argv = list(argv)
         self.proc = subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             text=True, start_new_session=True,
         )
         self.records: list[dict[str, Any]] = []
@@ -77,14 +82,14 @@ class SidecarProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n{self.stderr}")
+                raise RuntimeError(f"{self.what} exited {self.proc.returncode}:\n{self.stderr}")
             try:
                 if httpx.get(self.metrics_url.replace("/metrics", "/readyz"), timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"sidecar not ready after {timeout}s:\n{self.stderr}")
+        raise TimeoutError(f"{self.what} not ready after {timeout}s:\n{self.stderr}")
 
     def wait_records(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
         with self._cond:
@@ -102,6 +107,7 @@ class SidecarProcess:
         return parse_metrics(self.scrape())
 
     def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; past `timeout` the process is killed and that is an error."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -109,7 +115,16 @@ class SidecarProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise
+            raise AssertionError(f"{self.what} still running {timeout}s after SIGTERM:\n"
+                                 f"{self.stderr}") from None
+
+
+class SidecarProcess(MeteringProcess):
+    what = "sidecar"
+
+    def __init__(self, argv: Sequence[str], *, env: dict[str, str], metrics_url: str) -> None:
+        super().__init__(argv, env=env, metrics_url=metrics_url)
+        self.proxy_port = 0
 
 
 def sidecar_argv(*args: str) -> list[str]:
