@@ -108,6 +108,18 @@ class _Reader:
         elif not self.idle:
             raise ParseError("connection closed inside a message")
 
+    def _take_owed(self, out: list[Event]) -> bool:
+        """Emit as much of the `left` body bytes (a Content-Length body or one chunk) as is
+        buffered; False when nothing is."""
+        buf = self.buf
+        if not buf:
+            return False
+        take = min(self.left, len(buf))
+        out.append(Body(bytes(buf[:take]), self.from_client))
+        del buf[:take]
+        self.left -= take
+        return True
+
     def _step(self, out: list[Event]) -> bool:
         buf = self.buf
         if self.state == _HEAD:
@@ -121,12 +133,8 @@ class _Reader:
             self._head(head, out)
             return True
         if self.state == _LENGTH:
-            if not buf:
+            if not self._take_owed(out):
                 return False
-            take = min(self.left, len(buf))
-            out.append(Body(bytes(buf[:take]), self.from_client))
-            del buf[:take]
-            self.left -= take
             if self.left == 0:
                 self._end(out)
             return True
@@ -145,12 +153,8 @@ class _Reader:
             self.state = _CHUNK_DATA if self.left else _TRAILERS
             return True
         if self.state == _CHUNK_DATA:
-            if not buf:
+            if not self._take_owed(out):
                 return False
-            take = min(self.left, len(buf))
-            out.append(Body(bytes(buf[:take]), self.from_client))
-            del buf[:take]
-            self.left -= take
             if self.left == 0:
                 self.state = _CHUNK_END
             return True
